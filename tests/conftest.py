@@ -1,0 +1,83 @@
+"""Shared helpers: small generated data sets in the IDX layout, and running the program."""
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAM = ROOT / "fashion_mnist_cnn.py"
+SHARED = ROOT.parent / "shared" / "fashion-mnist"
+
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def write_idx(path, array, gzipped=True):
+    """Write an IDX file the way the official ones are written."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    data = header + array.tobytes()
+    path = Path(path)
+    if gzipped:
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.with_suffix("").write_bytes(data)  # the same name without .gz
+
+
+def distinct_images(labels, seed=0):
+    """Images whose class is plain to see: a bright block at one of ten places, plus noise."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, (len(labels), 28, 28)).astype(np.uint8)
+    for image, label in zip(images, labels):
+        top, left = 2 + 14 * (label // 5) + rng.integers(0, 3), 1 + 5 * (label % 5)
+        image[top : top + 9, left : left + 4] = 255
+    return images
+
+
+def make_dataset(directory, n_train=200, n_test=50, gzipped=True, seed=0):
+    """Write the four files of a small Fashion-MNIST-shaped data set; return the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        write_idx(
+            directory / f"{split}-images-idx3-ubyte.gz", distinct_images(labels, seed), gzipped
+        )
+        write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels, gzipped)
+    return directory
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+def run_program(*args, env=None, timeout=300, cwd=None):
+    """Run fashion_mnist_cnn.py as a user would; return the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("DISPLAY", None)  # no window may open during tests
+    full_env.pop("WAYLAND_DISPLAY", None)
+    return subprocess.run(
+        [sys.executable, str(PROGRAM), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+    )
+
+
+def assert_clean_failure(result, *fragments):
+    """Non-zero exit, one line on stderr that says what went wrong, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), lines[0]

@@ -1,0 +1,280 @@
+"""The program as users run it: arguments, whole runs, outputs, and every refusal."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import PROGRAM, SHARED, assert_clean_failure, make_dataset, run_program
+from PIL import Image
+
+OPTIONS = [
+    "--epochs",
+    "--batch-size",
+    "--validation-split",
+    "--seed",
+    "--data-dir",
+    "--out-dir",
+    "--no-show",
+    "--samples",
+    "--precision",
+    "--overwrite",
+]
+
+
+def imports_tensorflow(result):
+    """Run with -X importtime, stderr lists every module imported."""
+    return "tensorflow" in result.stderr
+
+
+def run_with_importtime(*args):
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", str(PROGRAM), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_help_lists_every_option_with_defaults_without_tensorflow():
+    result = run_with_importtime("--help")
+    assert result.returncode == 0
+    for option in OPTIONS:
+        assert option in result.stdout
+    assert "(default: 10)" in result.stdout and "(default: 32)" in result.stdout
+    assert "(default: 0.2)" in result.stdout and "predict" in result.stdout
+    assert not imports_tensorflow(result)
+    assert "importtime" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "two"], "--epochs"),
+        (["--batch-size", "-1"], "--batch-size"),
+        (["--validation-split", "1"], "--validation-split"),
+        (["--validation-split", "0"], "--validation-split"),
+        (["--validation-split", "nan"], "--validation-split"),
+        (["--samples", "-3"], "--samples"),
+        (["--precision", "float16"], "--precision"),
+        (["--no-such-option"], "unrecognized"),
+        (["predict"], "required"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line_without_tensorflow(args, message):
+    result = run_with_importtime(*args)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert not imports_tensorflow(result)
+
+
+def test_bad_data_dir_is_refused_before_tensorflow_loads(tmp_path):
+    result = run_with_importtime("--data-dir", tmp_path / "nowhere")
+    assert result.returncode == 1 and not imports_tensorflow(result)
+    assert_clean_failure(
+        run_program("--data-dir", tmp_path / "nowhere"), "--data-dir", "no such folder"
+    )
+
+
+def test_empty_data_dir(tmp_path):
+    assert_clean_failure(run_program("--data-dir", tmp_path), "is missing")
+
+
+def test_sample_index_beyond_the_test_set(data_dir, tmp_path):
+    result = run_program(
+        "--data-dir", data_dir, "--samples", "0", "50", "--out-dir", tmp_path / "o"
+    )
+    assert_clean_failure(result, "--samples", "0 to 49")
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_no_network_points_to_data_dir(tmp_path):
+    # An empty Keras cache and a proxy that refuses connections: a machine with no internet.
+    refuse = "http://127.0.0.1:9"
+    env = {
+        "KERAS_HOME": str(tmp_path / "keras"),
+        "HTTPS_PROXY": refuse,
+        "HTTP_PROXY": refuse,
+        "https_proxy": refuse,
+        "http_proxy": refuse,
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    result = run_program("--epochs", "1", "--no-show", "--out-dir", tmp_path / "o", env=env)
+    assert_clean_failure(result, "could not download", "--data-dir")
+    assert result.returncode == 1
+
+
+# One real training run, shared by the tests that check what it wrote.
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("run")
+    data = make_dataset(base / "data", n_train=1000, n_test=100)
+    out = base / "out"
+    result = run_program("--data-dir", data, "--epochs", "2", "--no-show", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    return result, out, data
+
+
+def test_run_prints_summary_progress_and_test_accuracy(finished_run):
+    result, _, _ = finished_run
+    assert "93,322" in result.stdout
+    assert "Epoch 1/2" in result.stdout and "Epoch 2/2" in result.stdout
+    line = [x for x in result.stdout.splitlines() if x.startswith("Test accuracy: ")]
+    assert len(line) == 1 and 0 <= float(line[0].split(": ")[1]) <= 1
+    assert "Per-class test accuracy" in result.stdout and "Ankle boot" in result.stdout
+    # TensorFlow's start-up notes stay hidden; nothing else goes to stderr on success.
+    assert result.stderr.strip() == "", result.stderr
+
+
+def test_run_writes_loadable_model_and_honest_metrics(finished_run):
+    import keras
+
+    _, out, _ = finished_run
+    model = keras.models.load_model(out / "model.keras")
+    assert model.count_params() == 93_322
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["test_loss"] > 0
+    assert metrics["epochs_completed"] == 2 and metrics["interrupted"] is False
+    assert list(metrics["per_class_accuracy"]) == [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ]  # fmt: skip
+    config = metrics["config"]
+    for key in [
+        "epochs",
+        "batch_size",
+        "validation_split",
+        "seed",
+        "data_dir",
+        "out_dir",
+        "no_show",
+        "samples",
+        "precision",
+    ]:
+        assert key in config
+    assert (
+        config["epochs"] == 2
+        and config["batch_size"] == 32
+        and config["precision"] in ("float32", "bfloat16")
+    )
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].split(",") == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
+    assert len(history) == 3
+    assert not [p for p in out.iterdir() if ".partial" in p.name]  # no temporary left over
+
+
+@pytest.mark.parametrize("name", ["predictions.png", "training_curves.png", "confusion_matrix.png"])
+def test_figures_are_real_images(finished_run, name):
+    _, out, _ = finished_run
+    with Image.open(out / name) as image:
+        image.verify()
+    with Image.open(out / name) as image:
+        assert image.format == "PNG" and image.width >= 400 and image.height >= 300
+        assert len(np.unique(np.asarray(image.convert("L")))) > 10  # not a blank canvas
+
+
+def test_finished_run_is_not_overwritten(finished_run, data_dir):
+    _, out, _ = finished_run
+    before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    result = run_program("--data-dir", data_dir, "--out-dir", out, "--no-show")
+    assert_clean_failure(result, "holds a finished run", "--overwrite")
+    after = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    assert before == after
+
+
+def test_out_dir_that_cannot_be_written(data_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_program("--data-dir", data_dir, "--out-dir", blocker / "run", "--no-show")
+    assert_clean_failure(result, "--out-dir", "cannot write")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_default_out_dir_is_new_per_run(data_dir, tmp_path):
+    for _ in range(2):
+        result = run_program("--data-dir", data_dir, "--epochs", "1", "--no-show", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((run / "metrics.json").is_file() for run in runs)
+
+
+def test_same_seed_same_numbers(data_dir, tmp_path):
+    metrics = []
+    for name in ("a", "b"):
+        result = run_program(
+            "--data-dir",
+            data_dir,
+            "--epochs",
+            "1",
+            "--no-show",
+            "--seed",
+            "7",
+            "--out-dir",
+            tmp_path / name,
+        )
+        assert result.returncode == 0, result.stderr
+        metrics.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
+    assert metrics[0]["test_loss"] == metrics[1]["test_loss"]
+
+
+def test_ctrl_c_saves_what_was_learned(tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=3000, n_test=100)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(PROGRAM),
+            "--data-dir",
+            str(data),
+            "--epochs",
+            "200",
+            "--no-show",
+            "--out-dir",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    lines = []
+    for line in process.stdout:  # wait until one epoch is complete and the second begins
+        lines.append(line)
+        if line.startswith("Epoch 2/200"):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] is True
+    assert 1 <= metrics["epochs_completed"] < 200
+    assert "Test accuracy: " in stdout
+    import keras
+
+    assert keras.models.load_model(out / "model.keras").count_params() == 93_322
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/fashion-mnist absent")
+def test_real_sample_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    result = run_program(
+        "--data-dir", SHARED / "sample", "--epochs", "3", "--no-show", "--out-dir", out
+    )
+    assert result.returncode == 0, result.stderr
+    assert "not the official Fashion-MNIST" in result.stdout
+    accuracy = float(result.stdout.split("Test accuracy: ")[1].split()[0])
+    assert accuracy > 0.3  # ten classes: chance is 0.1; three epochs on 480 real images
+    assert {"model.keras", "metrics.json", "predictions.png"} <= {p.name for p in out.iterdir()}

@@ -1,0 +1,90 @@
+"""The model stage: exactly the classic layers, and training that really learns."""
+
+import numpy as np
+import pytest
+from conftest import distinct_images
+
+import fashion_mnist_cnn as fm
+
+keras = fm.start_tensorflow_quietly()
+
+CLASSIC_LAYERS = [
+    ("Conv2D", 32, (3, 3), "relu"),
+    ("MaxPooling2D", None, (2, 2), None),
+    ("Conv2D", 64, (3, 3), "relu"),
+    ("MaxPooling2D", None, (2, 2), None),
+    ("Conv2D", 64, (3, 3), "relu"),
+    ("Flatten", None, None, None),
+    ("Dense", 64, None, "relu"),
+    ("Dense", 10, None, "softmax"),
+]
+
+
+def describe(layer):
+    config = layer.get_config()
+    return (
+        type(layer).__name__,
+        config.get("filters", config.get("units")),
+        tuple(config.get("kernel_size", config.get("pool_size", ()))) or None,
+        config.get("activation"),
+    )
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_classic_model_whatever_the_precision(precision):
+    model = fm.build_model(precision)
+    assert [describe(layer) for layer in model.layers] == CLASSIC_LAYERS
+    assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
+    assert model.count_params() == 93_322
+    assert all(w.dtype == "float32" for w in model.weights)  # bf16 only in the arithmetic
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert model.optimizer.get_config()["learning_rate"] == pytest.approx(0.001)
+    assert model.loss == "sparse_categorical_crossentropy"
+    # The global policy is left as found, so other models are not affected.
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_choose_precision():
+    assert fm.choose_precision("float32") == "float32"
+    assert fm.choose_precision("bfloat16") == "bfloat16"
+    assert fm.choose_precision("auto") == ("bfloat16" if fm.native_bf16() else "float32")
+
+
+def test_pipeline_batches_scaled_float32_with_a_channel():
+    images = np.full((70, 28, 28), 255, np.uint8)
+    labels = np.arange(70) % 10
+    batches = list(fm.batches(images, labels, 32, shuffle=True))
+    assert [len(y) for _, y in batches] == [32, 32, 6]
+    x, y = batches[0]
+    assert x.dtype == "float32" and tuple(x.shape) == (32, 28, 28, 1)
+    assert float(x.numpy().min()) == 1.0
+    seen = np.concatenate([y.numpy() for _, y in batches])
+    assert sorted(seen.tolist()) == sorted(labels.tolist())
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_learns_visually_distinct_classes(tmp_path, precision):
+    """A short run must separate ten plainly different patterns; a broken loop cannot."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 10, 1200), rng.integers(0, 10, 300)
+    x_train, x_test = distinct_images(y_train, seed=1), distinct_images(y_test, seed=2)
+    (x_fit, y_fit), (x_val, y_val) = fm.split_validation(x_train, y_train, 0.2, seed=0)
+    model = fm.build_model(precision)
+    untrained = fm.evaluate(model, fm.batches(x_test, y_test, 256), x_test, y_test)
+    history, interrupted, epochs_completed = fm.train(
+        model,
+        fm.batches(x_fit, y_fit, 32, shuffle=True),
+        fm.batches(x_val, y_val, 256),
+        3,
+        tmp_path,
+    )
+    results = fm.evaluate(model, fm.batches(x_test, y_test, 256), x_test, y_test)
+    assert untrained["test_accuracy"] < 0.3
+    assert results["test_accuracy"] > 0.9, results["test_accuracy"]
+    assert history["loss"][-1] < history["loss"][0]
+    assert (not interrupted) and epochs_completed == 3
+    assert (tmp_path / "history.csv").read_text().count("\n") == 4  # header + 3 epochs
+    assert set(results["per_class_accuracy"]) == set(fm.CLASS_NAMES)
+    assert results["confusion"].sum() == 300
+    assert np.trace(results["confusion"]) / 300 == pytest.approx(results["test_accuracy"], abs=1e-6)

@@ -1,0 +1,198 @@
+"""predict: classifying people's own pictures, and refusing what is not a picture or a model."""
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+from conftest import SHARED, assert_clean_failure, distinct_images, run_program
+from PIL import Image
+
+import fashion_mnist_cnn as fm
+
+keras = fm.start_tensorflow_quietly()
+
+
+def train_model(x_train, y_train, epochs, path):
+    keras.utils.set_random_seed(0)
+    (x_fit, y_fit), (x_val, y_val) = fm.split_validation(x_train, y_train, 0.2, seed=0)
+    model = fm.build_model("float32")
+    fm.train(
+        model,
+        fm.batches(x_fit, y_fit, 32, True),
+        fm.batches(x_val, y_val, 256),
+        epochs,
+        path.parent,
+    )
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    labels = np.random.default_rng(0).integers(0, 10, 1200)
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    return train_model(distinct_images(labels, seed=1), labels, 3, path)
+
+
+def as_picture_files(image, folder, stem):
+    """The same item as a 28x28 grey PNG and as a large dark-on-light RGB photo-like JPEG."""
+    small = folder / f"{stem}-small.png"
+    Image.fromarray(image).save(small)
+    large = np.kron(255 - image, np.ones((12, 12), np.uint8))  # 336x336, inverted
+    large = np.pad(large, ((40, 40), (90, 90)), constant_values=255)  # white margins, wide
+    big = folder / f"{stem}-large.jpg"
+    Image.fromarray(large).convert("RGB").save(big, quality=95)
+    return small, big
+
+
+def predict_json(capsys, *args):
+    code = fm.main(["predict", *map(str, args), "--json"])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out), captured.err
+
+
+def test_small_grey_and_large_light_rgb_of_one_item_agree(model_path, tmp_path, capsys):
+    labels = np.arange(10)
+    images = distinct_images(labels, seed=5)
+    files = []
+    for label, image in zip(labels, images):
+        files += as_picture_files(image, tmp_path, f"item{label}")
+    code, results, err = predict_json(capsys, model_path, *files)
+    assert code == 0 and err == ""
+    classes = [r["top3"][0]["class"] for r in results]
+    assert classes[0::2] == classes[1::2]  # small and large versions agree, item by item
+    assert sum(c == fm.CLASS_NAMES[label] for c, label in zip(classes[0::2], labels)) >= 8
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/fashion-mnist absent")
+def test_real_test_images_as_photos_keep_their_class(tmp_path, capsys):
+    (x_train, y_train), (x_test, y_test) = fm.load_fashion_mnist(SHARED / "sample")
+    model = train_model(x_train, y_train, 8, tmp_path / "real.keras")
+    capsys.readouterr()  # the loader's note about unofficial data
+    picks = [0, 35, 65, 95, 125, 155, 185, 215, 245, 275]  # one item of each class
+    files = []
+    for index in picks:
+        files += as_picture_files(x_test[index], tmp_path, f"real{index}")
+    code, results, _ = predict_json(capsys, model, *files)
+    classes = [r["top3"][0]["class"] for r in results]
+    agree = sum(a == b for a, b in zip(classes[0::2], classes[1::2]))
+    assert code == 0 and agree >= 8, classes
+
+
+def test_prepare_image_makes_a_centred_light_on_dark_28x28(tmp_path):
+    picture = np.full((300, 200, 3), 250, np.uint8)  # white background, portrait
+    picture[100:200, 80:120] = 20  # a dark object, off to one side of centre
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    image = fm.prepare_image(tmp_path / "p.png")
+    assert image.shape == (28, 28) and image.dtype == np.uint8
+    assert image[14, 14] > 200 and image[0, 0] < 20  # light object, dark background
+    rows, cols = np.nonzero(image > 128)
+    assert rows.min() <= 1 and rows.max() >= 26  # the object's long side fills the frame
+    assert abs(cols.mean() - 13.5) < 1.5  # centred, aspect kept (narrow object stays narrow)
+    assert cols.max() - cols.min() < 16
+
+
+def test_prints_top_three_per_image(model_path, tmp_path, capsys):
+    small, _ = as_picture_files(distinct_images(np.array([3]))[0], tmp_path, "x")
+    assert fm.main(["predict", str(model_path), str(small)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{small}: ") and line.count("%") == 3
+
+
+def test_json_has_three_probabilities_per_image(model_path, tmp_path, capsys):
+    small, big = as_picture_files(distinct_images(np.array([7]))[0], tmp_path, "x")
+    code, results, _ = predict_json(capsys, model_path, small, big)
+    assert code == 0 and [r["image"] for r in results] == [str(small), str(big)]
+    for result in results:
+        probabilities = [c["probability"] for c in result["top3"]]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert all(c["class"] in fm.CLASS_NAMES for c in result["top3"])
+
+
+def png_claiming_size(path, width, height):
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb."""
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def bad_images(folder):
+    (folder / "notes.png").write_text("this is text, not a picture")
+    Image.new("L", (64, 64), 128).save(folder / "whole.png")
+    (folder / "truncated.png").write_bytes((folder / "whole.png").read_bytes()[:60])
+    Image.new("L", (40, 40)).save(folder / "picture.gif")
+    return {
+        "missing.png": "no such image file",
+        "notes.png": "not a png or jpeg",
+        "truncated.png": "damaged image",
+        "bomb.png": "pillow's safety limit",
+        "half-bomb.png": "pillow's safety limit",
+        "picture.gif": "expected png or jpeg",
+    }
+
+
+def test_bad_images_are_reported_and_the_rest_still_classified(model_path, tmp_path, capsys):
+    expected = bad_images(tmp_path)
+    png_claiming_size(tmp_path / "bomb.png", 30_000, 30_000)  # past 2x Pillow's limit: error
+    png_claiming_size(tmp_path / "half-bomb.png", 10_000, 10_000)  # past 1x: only a warning
+    good, _ = as_picture_files(distinct_images(np.array([1]))[0], tmp_path, "good")
+    names = [
+        "missing.png",
+        "notes.png",
+        str(good),
+        "truncated.png",
+        "bomb.png",
+        "half-bomb.png",
+        "picture.gif",
+    ]
+    code = fm.main(["predict", str(model_path), *[str(tmp_path / n) for n in names]])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out.strip().startswith(f"{good}: ") and len(out.strip().splitlines()) == 1
+    errors = err.strip().splitlines()
+    assert len(errors) == len(expected)
+    for line, (name, message) in zip(errors, expected.items()):
+        assert name in line and message in line.lower(), line
+
+
+def text_file(path):
+    path.write_text("not a model")
+    return path
+
+
+def save_model(path, input_shape, classes, lambda_layer=False):
+    layers = [keras.Input(input_shape), keras.layers.Flatten()]
+    if lambda_layer:
+        layers.append(keras.layers.Lambda(lambda x: x * 2))  # code stored in the file
+    model = keras.Sequential([*layers, keras.layers.Dense(classes, activation="softmax")])
+    model.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.keras", "no such model file"),
+        (lambda d: text_file(d / "text.keras"), "not a usable"),
+        (lambda d: save_model(d / "rgb.keras", (32, 32, 3), 10), "not a 28x28x1 image"),
+        (lambda d: save_model(d / "five.keras", (28, 28, 1), 5), "to 10 fashion-mnist classes"),
+        (lambda d: save_model(d / "code.keras", (28, 28, 1), 10, True), "not a usable"),
+    ],
+)
+def test_unusable_models_are_refused(tmp_path, capsys, make, message):
+    good, _ = as_picture_files(distinct_images(np.array([1]))[0], tmp_path, "good")
+    assert fm.main(["predict", str(make(tmp_path)), str(good)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0].lower(), err
+
+
+def test_predict_as_a_command(model_path, tmp_path):
+    small, _ = as_picture_files(distinct_images(np.array([2]))[0], tmp_path, "x")
+    result = run_program("predict", model_path, small)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith(f"{small}: ")
+    assert_clean_failure(run_program("predict", model_path, tmp_path / "gone.png"), "no such image")
