@@ -34,7 +34,7 @@ BATCH_SIZE = 32
 VALIDATION_SPLIT = 0.2  # share of the training set held out to validate each epoch
 SEED = 42
 SAMPLES = [0, 1]  # test images shown in predictions.png
-EVAL_BATCH_SIZE = 1024  # validation and test passes only: same numbers, fewer steps
+EVAL_BATCH_SIZE = 256  # validation and test passes only: same numbers, fewer steps
 
 CLASS_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -274,37 +274,43 @@ def load_fashion_mnist(data_dir=None):
     return splits
 
 
-def split_validation(images, labels, validation_split, seed):
-    """Hold out a random share of the training set, the same one for the same seed.
+def split_validation(n_images, validation_split, seed):
+    """Indices of the images to train on and of those held out, the same for the same seed.
 
-    Random rather than Keras' "last 20%", which would hold out whole classes of a file sorted
-    by class (the shared sample is); on the shuffled official files the two are alike.
+    A random hold-out rather than Keras' "last 20%", which would hold out whole classes of a
+    file sorted by class (the shared sample is); on the shuffled official files the two are alike.
     """
-    order = np.random.default_rng(seed).permutation(len(images))
-    split_at = math.floor(len(images) * (1 - validation_split))
-    if split_at == 0 or split_at == len(images):
+    order = np.random.default_rng(seed).permutation(n_images)
+    split_at = math.floor(n_images * (1 - validation_split))
+    if split_at == 0 or split_at == n_images:
         raise UserError(
             f"--validation-split {validation_split} leaves no training or no validation "
-            f"images out of {len(images)}"
+            f"images out of {n_images}"
         )
-    fit, held_out = order[:split_at], order[split_at:]
-    return (images[fit], labels[fit]), (images[held_out], labels[held_out])
+    return order[:split_at], order[split_at:]
 
 
-def batches(images, labels, batch_size, shuffle=False):
-    """A tf.data pipeline that scales uint8 pixels to float32 [0, 1] one batch at a time.
+def batches(images, labels, batch_size, indices=None, shuffle=False):
+    """A tf.data pipeline of float32 [0, 1] batches of the images at `indices` (default: all).
 
-    Keeping the data set itself in uint8 costs a quarter of the memory of float32 (an eighth
-    of the float64 that `x / 255.0` makes), and the scaling overlaps with training.
+    The data set stays one uint8 NumPy array: each batch is gathered from it and scaled on its
+    own, so no copy of the data set is made, least of all the float64 one that `x / 255.0`
+    makes (8x the memory). Shuffling permutes indices, not images.
     """
     import tensorflow as tf
 
-    data = tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels))
+    indices = np.arange(len(labels)) if indices is None else indices
+    order = tf.data.Dataset.from_tensor_slices(indices)
     if shuffle:
-        data = data.shuffle(len(images), reshuffle_each_iteration=True)
-    data = data.batch(batch_size).map(
-        lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=tf.data.AUTOTUNE
-    )
+        order = order.shuffle(len(indices), reshuffle_each_iteration=True)
+
+    def gather(batch):
+        dtypes = [tf.as_dtype(images.dtype), tf.as_dtype(labels.dtype)]
+        x, y = tf.numpy_function(lambda i: (images[i], labels[i]), [batch], dtypes)
+        x = tf.cast(x[..., tf.newaxis], tf.float32) / 255.0
+        return tf.ensure_shape(x, (None, 28, 28, 1)), tf.ensure_shape(y, (None,))
+
+    data = order.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(tf.data.AUTOTUNE)
 
 
@@ -401,7 +407,9 @@ def train(model, train_data, validation_data, epochs, out_dir):
 
     with stop_on_ctrl_c(model) as state:
         history = model.fit(
-            train_data,
+            # One iterator for the whole run: no epoch waits for the pipeline to restart.
+            train_data.repeat(),
+            steps_per_epoch=int(train_data.cardinality()),
             validation_data=validation_data,
             epochs=epochs,
             shuffle=False,  # the pipeline already reshuffles every epoch
@@ -415,10 +423,10 @@ def train(model, train_data, validation_data, epochs, out_dir):
     return history.history, state["interrupted"], epochs_completed
 
 
-def evaluate(model, test_data, x_test, y_test):
+def evaluate(model, test_data, y_test):
     """Test loss and accuracy, the predicted probabilities, and accuracy per class."""
     test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
-    probabilities = model.predict(scale_pixels(x_test), batch_size=EVAL_BATCH_SIZE, verbose=0)
+    probabilities = model.predict(test_data, verbose=0)
     confusion = confusion_matrix(y_test, probabilities.argmax(axis=1))
     per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
     return {
@@ -682,9 +690,7 @@ def start_tensorflow_quietly():
 def run_training(args):
     """arguments -> data -> model -> train -> evaluate -> figures -> save."""
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(args.data_dir)
-    (x_fit, y_fit), (x_val, y_val) = split_validation(
-        x_train, y_train, args.validation_split, args.seed
-    )
+    fit, held_out = split_validation(len(x_train), args.validation_split, args.seed)
     if max(args.samples) >= len(x_test):
         raise UserError(f"--samples: the test set has images 0 to {len(x_test) - 1} only")
     out_dir = prepare_out_dir(args.out_dir, args.overwrite)
@@ -700,21 +706,21 @@ def run_training(args):
     model = build_model(precision)
     model.summary()
     print(
-        f"Training on {len(x_fit):,} images, validating on {len(x_val):,}, "
+        f"Training on {len(fit):,} images, validating on {len(held_out):,}, "
         f"testing on {len(x_test):,} ({precision})"
     )
 
     start = time.perf_counter()
     history, interrupted, epochs_completed = train(
         model,
-        batches(x_fit, y_fit, args.batch_size, shuffle=True),
-        batches(x_val, y_val, EVAL_BATCH_SIZE),
+        batches(x_train, y_train, args.batch_size, fit, shuffle=True),
+        batches(x_train, y_train, EVAL_BATCH_SIZE, held_out),
         args.epochs,
         out_dir,
     )
     train_seconds = time.perf_counter() - start
 
-    results = evaluate(model, batches(x_test, y_test, EVAL_BATCH_SIZE), x_test, y_test)
+    results = evaluate(model, batches(x_test, y_test, EVAL_BATCH_SIZE), y_test)
     print(f"\nTest accuracy: {results['test_accuracy']:.4f}")
     print(f"Test loss: {results['test_loss']:.4f}")
     print_per_class(results["per_class_accuracy"])

@@ -34,19 +34,18 @@ def test_scaling_is_float32_in_unit_range():
 
 
 def test_validation_split_is_random_but_fixed_by_the_seed():
-    images = np.arange(100, dtype=np.uint8).repeat(784).reshape(100, 28, 28)
-    labels = np.arange(100) % 10
-    (x_fit, y_fit), (x_val, y_val) = fm.split_validation(images, labels, 0.2, seed=1)
-    assert len(x_fit) == 80 and len(x_val) == 20
-    assert sorted(x_fit[:, 0, 0].tolist() + x_val[:, 0, 0].tolist()) == list(range(100))
-    assert len(set(y_val.tolist())) > 2  # not just the last classes of a sorted file
-    again = fm.split_validation(images, labels, 0.2, seed=1)[1][0]
-    assert np.array_equal(again, x_val)
+    labels = np.arange(100) // 10  # sorted by class, like the shared sample
+    fit, held_out = fm.split_validation(100, 0.2, seed=1)
+    assert len(fit) == 80 and len(held_out) == 20
+    assert sorted(fit.tolist() + held_out.tolist()) == list(range(100))
+    assert len(set(labels[held_out].tolist())) > 2  # not just the last classes
+    assert np.array_equal(fm.split_validation(100, 0.2, seed=1)[1], held_out)
+    assert not np.array_equal(fm.split_validation(100, 0.2, seed=2)[1], held_out)
 
 
 def test_split_that_leaves_nothing_is_refused():
     with pytest.raises(fm.UserError, match="no training or no validation"):
-        fm.split_validation(np.zeros((3, 28, 28), np.uint8), np.zeros(3), 0.9, seed=0)
+        fm.split_validation(3, 0.9, seed=0)
 
 
 def corrupt(tmp_path, name, data):

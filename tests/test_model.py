@@ -53,13 +53,20 @@ def test_choose_precision():
 def test_pipeline_batches_scaled_float32_with_a_channel():
     images = np.full((70, 28, 28), 255, np.uint8)
     labels = np.arange(70) % 10
+    images[:, 0, 0] = np.arange(70)  # tells the images apart
     batches = list(fm.batches(images, labels, 32, shuffle=True))
     assert [len(y) for _, y in batches] == [32, 32, 6]
     x, y = batches[0]
     assert x.dtype == "float32" and tuple(x.shape) == (32, 28, 28, 1)
-    assert float(x.numpy().min()) == 1.0
-    seen = np.concatenate([y.numpy() for _, y in batches])
-    assert sorted(seen.tolist()) == sorted(labels.tolist())
+    assert float(x.numpy().max()) == 1.0 and float(x.numpy().min()) == 0.0
+    seen = np.concatenate([x.numpy()[:, 0, 0, 0] for x, _ in batches]) * 255
+    assert sorted(np.rint(seen).astype(int).tolist()) == list(range(70))  # each image once
+    assert not np.array_equal(np.rint(seen), np.arange(70))  # in a shuffled order
+    for x, y in batches:  # every image keeps its own label
+        assert np.array_equal(np.rint(x.numpy()[:, 0, 0, 0] * 255).astype(int) % 10, y.numpy())
+    subset = np.array([5, 17, 60])
+    ((x, y),) = list(fm.batches(images, labels, 32, subset))
+    assert np.rint(x.numpy()[:, 0, 0, 0] * 255).astype(int).tolist() == [5, 17, 60]
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
@@ -69,17 +76,17 @@ def test_training_learns_visually_distinct_classes(tmp_path, precision):
     rng = np.random.default_rng(0)
     y_train, y_test = rng.integers(0, 10, 1200), rng.integers(0, 10, 300)
     x_train, x_test = distinct_images(y_train, seed=1), distinct_images(y_test, seed=2)
-    (x_fit, y_fit), (x_val, y_val) = fm.split_validation(x_train, y_train, 0.2, seed=0)
+    fit, held_out = fm.split_validation(len(x_train), 0.2, seed=0)
     model = fm.build_model(precision)
-    untrained = fm.evaluate(model, fm.batches(x_test, y_test, 256), x_test, y_test)
+    untrained = fm.evaluate(model, fm.batches(x_test, y_test, 256), y_test)
     history, interrupted, epochs_completed = fm.train(
         model,
-        fm.batches(x_fit, y_fit, 32, shuffle=True),
-        fm.batches(x_val, y_val, 256),
+        fm.batches(x_train, y_train, 32, fit, shuffle=True),
+        fm.batches(x_train, y_train, 256, held_out),
         3,
         tmp_path,
     )
-    results = fm.evaluate(model, fm.batches(x_test, y_test, 256), x_test, y_test)
+    results = fm.evaluate(model, fm.batches(x_test, y_test, 256), y_test)
     assert untrained["test_accuracy"] < 0.3
     assert results["test_accuracy"] > 0.9, results["test_accuracy"]
     assert history["loss"][-1] < history["loss"][0]

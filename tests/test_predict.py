@@ -15,12 +15,12 @@ keras = fm.start_tensorflow_quietly()
 
 def train_model(x_train, y_train, epochs, path):
     keras.utils.set_random_seed(0)
-    (x_fit, y_fit), (x_val, y_val) = fm.split_validation(x_train, y_train, 0.2, seed=0)
+    fit, held_out = fm.split_validation(len(x_train), 0.2, seed=0)
     model = fm.build_model("float32")
     fm.train(
         model,
-        fm.batches(x_fit, y_fit, 32, True),
-        fm.batches(x_val, y_val, 256),
+        fm.batches(x_train, y_train, 32, fit, shuffle=True),
+        fm.batches(x_train, y_train, 256, held_out),
         epochs,
         path.parent,
     )

@@ -1,0 +1,197 @@
+"""Time the project's default run against the plain Keras recipe, side by side.
+
+    python benchmarks/benchmark.py --data-dir DIR [--rounds 3] [--epochs 10]
+
+Each round runs both, one after the other, in fresh processes, alternating which goes first,
+with seed = round number (so both sides see the same seeds). Per run it records the fit time
+per epoch, the end-to-end wall time and CPU time of the whole process, its peak RSS and its
+test accuracy; then it prints the ratios of the fastest (and leanest) runs of each side, and
+the accuracy mean over seeds. The machine shares its CPU with neighbours, so compare only
+numbers from one invocation.
+
+DIR holds the four Fashion-MNIST files; for timing at full scale without the real data use
+../shared/fashion-mnist/make_lookalike.py DIR (its accuracy is not Fashion-MNIST accuracy).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROGRAM = HERE.parent / "fashion_mnist_cnn.py"
+
+# The recipe as it is usually written (TensorFlow's and Keras' tutorials): float64 pixels from
+# `x / 255.0`, the same layers, default compile and fit with validation_split.
+PLAIN_RECIPE = """
+import json, os, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import keras
+from keras import layers
+
+seed, epochs = int(sys.argv[1]), int(sys.argv[2])
+keras.utils.set_random_seed(seed)
+(x_train, y_train), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
+x_train = (x_train / 255.0).reshape(-1, 28, 28, 1)
+x_test = (x_test / 255.0).reshape(-1, 28, 28, 1)
+model = keras.Sequential([
+    keras.Input((28, 28, 1)),
+    layers.Conv2D(32, (3, 3), activation="relu"),
+    layers.MaxPooling2D((2, 2)),
+    layers.Conv2D(64, (3, 3), activation="relu"),
+    layers.MaxPooling2D((2, 2)),
+    layers.Conv2D(64, (3, 3), activation="relu"),
+    layers.Flatten(),
+    layers.Dense(64, activation="relu"),
+    layers.Dense(10, activation="softmax"),
+])
+model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+start = time.perf_counter()
+model.fit(x_train, y_train, epochs=epochs, batch_size=32, validation_split=0.2, verbose=2)
+fit_seconds = time.perf_counter() - start
+test_loss, test_accuracy = model.evaluate(x_test, y_test, verbose=0)
+print("RESULT", json.dumps({"test_accuracy": test_accuracy, "fit_seconds": fit_seconds}))
+"""
+
+
+def run_measured(command, env):
+    """Run a command; return its stdout, wall seconds, CPU seconds and peak RSS in MiB."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"benchmark: {command[1]} failed:\n{output[-3000:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return output, wall, cpu, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def run_plain(data_dir, seed, epochs, scratch):
+    # keras.datasets reads $KERAS_HOME/datasets/fashion-mnist/: point it at data_dir's files.
+    cache = scratch / "keras_home" / "datasets" / "fashion-mnist"
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(data_dir):
+        if not (cache / name).exists():
+            (cache / name).symlink_to(Path(data_dir).resolve() / name)
+    env = dict(os.environ, KERAS_HOME=str(scratch / "keras_home"))
+    command = [sys.executable, "-c", PLAIN_RECIPE, str(seed), str(epochs)]
+    output, wall, cpu, rss = run_measured(command, env)
+    result = json.loads(output.split("RESULT ", 1)[1])
+    return {
+        "fit_per_epoch": result["fit_seconds"] / epochs,
+        "test_accuracy": result["test_accuracy"],
+        "wall": wall,
+        "cpu": cpu,
+        "peak_rss_mib": rss,
+    }
+
+
+def run_default(data_dir, seed, epochs, scratch, extra_args):
+    out_dir = scratch / f"default-{seed}-{time.time_ns()}"
+    command = [
+        sys.executable,
+        str(PROGRAM),
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--out-dir",
+        str(out_dir),
+        "--no-show",
+        *extra_args,
+    ]
+    _, wall, cpu, rss = run_measured(command, dict(os.environ))
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    return {
+        "fit_per_epoch": metrics["train_seconds"] / epochs,
+        "test_accuracy": metrics["test_accuracy"],
+        "wall": wall,
+        "cpu": cpu,
+        "peak_rss_mib": rss,
+        "precision": metrics["config"]["precision"],
+    }
+
+
+def summarise(runs):
+    plain, default = runs["plain"], runs["default"]
+    rows = [
+        ("fit s/epoch", "fit_per_epoch"),
+        ("wall s", "wall"),
+        ("CPU s", "cpu"),
+        ("peak RSS MiB", "peak_rss_mib"),
+    ]
+    print(f"\n{'best of each side':<18}{'plain':>10}{'default':>10}{'plain/default':>15}")
+    ratios = {}
+    for label, key in rows:
+        p, d = min(r[key] for r in plain), min(r[key] for r in default)
+        ratios[key] = p / d
+        print(f"{label:<18}{p:>10.1f}{d:>10.1f}{p / d:>14.2f}x")
+    print(f"{'peak RSS default/plain':<33}{1 / ratios['peak_rss_mib']:>10.2f}x")
+    for side, side_runs in runs.items():
+        accuracies = [r["test_accuracy"] for r in side_runs]
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        print(
+            f"test accuracy {side:<8} mean {statistics.mean(accuracies):.4f} "
+            f"sd {spread:.4f} over {len(accuracies)} seeds: "
+            + " ".join(f"{a:.4f}" for a in accuracies)
+        )
+    return ratios
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--data-dir", type=Path, required=True, help="the four IDX files")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; seeds 0..rounds-1")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write every run and the ratios here")
+    parser.add_argument("extra", nargs="*", help="after --: extra options for the default run")
+    args = parser.parse_args()
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}; data: {args.data_dir}; "
+        f"{args.epochs} epochs, {args.rounds} rounds"
+    )
+    runs = {"plain": [], "default": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        for seed in range(args.rounds):
+            order = ["plain", "default"] if seed % 2 == 0 else ["default", "plain"]
+            for side in order:
+                if side == "plain":
+                    result = run_plain(args.data_dir, seed, args.epochs, scratch)
+                else:
+                    result = run_default(args.data_dir, seed, args.epochs, scratch, args.extra)
+                runs[side].append(result)
+                print(
+                    f"round {seed} {side:<8} "
+                    + " ".join(
+                        f"{k}={v:.4f}"
+                        if k == "test_accuracy"
+                        else f"{k}={v:.1f}"
+                        if isinstance(v, float)
+                        else f"{k}={v}"
+                        for k, v in result.items()
+                    ),
+                    flush=True,
+                )
+    ratios = summarise(runs)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "ratios": ratios}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
