@@ -563,14 +563,22 @@ def atomic_path(path):
         temporary.unlink(missing_ok=True)
 
 
-def save_figure(fig, path):
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=100)
-
-
 def save_json(data, path):
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")  # str: paths
+
+
+def save_figures(out_dir, history, results, x_test, y_test, samples):
+    figures = {
+        "predictions.png": plot_predictions(
+            x_test[samples], y_test[samples], results["probabilities"][samples]
+        ),
+        "training_curves.png": plot_training_curves(history),
+        "confusion_matrix.png": plot_confusion_matrix(results["confusion"]),
+    }
+    for name, fig in figures.items():
+        with atomic_path(out_dir / name) as temporary:
+            fig.savefig(temporary, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -725,31 +733,17 @@ def run_training(args):
     print(f"Test loss: {results['test_loss']:.4f}")
     print_per_class(results["per_class_accuracy"])
 
-    samples = args.samples
-    figures = {
-        "predictions.png": plot_predictions(
-            x_test[samples], y_test[samples], results["probabilities"][samples]
-        ),
-        "training_curves.png": plot_training_curves(history),
-        "confusion_matrix.png": plot_confusion_matrix(results["confusion"]),
-    }
-    for name, fig in figures.items():
-        save_figure(fig, out_dir / name)
+    save_figures(out_dir, history, results, x_test, y_test, args.samples)
     with atomic_path(out_dir / "model.keras") as temporary:
         model.save(temporary)
-    config = {
-        key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-    }
-    config |= {"precision": precision, "keras": keras.__version__}
     metrics = {
-        "test_accuracy": results["test_accuracy"],
-        "test_loss": results["test_loss"],
-        "per_class_accuracy": results["per_class_accuracy"],
+        key: results[key] for key in ("test_accuracy", "test_loss", "per_class_accuracy")
+    } | {
         "epochs_completed": epochs_completed,
         "interrupted": interrupted,
         "train_seconds": round(train_seconds, 1),
         "history": history,
-        "config": config,
+        "config": vars(args) | {"precision": precision, "keras": keras.__version__},
     }
     save_json(metrics, out_dir / "metrics.json")
     print(f"\nSaved model.keras, metrics.json, history.csv and figures to {out_dir}/")
