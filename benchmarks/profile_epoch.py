@@ -1,0 +1,68 @@
+"""Where does a training step's time go? Profile the default run's fit and total it by op.
+
+    pip install xprof   # reads TensorFlow's profile files; not needed for anything else
+    python benchmarks/profile_epoch.py --data-dir DIR [--steps 200] [--precision auto]
+
+It trains one warm-up pass (tracing, oneDNN set-up), then profiles `--steps` steps of the
+default run's training with tf.profiler and prints each op type's share of the compute time.
+"""
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fashion_mnist_cnn as fm  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    args = parser.parse_args()
+    try:
+        from xprof.profile_data import ProfileData
+    except ImportError:
+        sys.exit("profile_epoch.py needs xprof to read the profile: pip install xprof")
+
+    keras = fm.start_tensorflow_quietly()
+    import tensorflow as tf
+
+    (x_train, y_train), _ = fm.load_fashion_mnist(args.data_dir)
+    keras.utils.set_random_seed(0)
+    precision = fm.choose_precision(args.precision)
+    model = fm.build_model(precision)
+    data = fm.batches(x_train, y_train, fm.BATCH_SIZE, shuffle=True).take(args.steps)
+    model.fit(
+        data, verbose=0, shuffle=False
+    )  # warm-up: tracing and kernel set-up are not steady state
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        start = time.perf_counter()
+        model.fit(data, verbose=0, shuffle=False)
+        wall = time.perf_counter() - start
+        tf.profiler.experimental.stop()
+        profile = ProfileData.from_file(str(next(Path(logdir).rglob("*.xplane.pb"))))
+        by_op = collections.Counter()
+        for plane in profile.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_Compute"):  # TensorFlow's compute threads
+                    continue
+                for event in line.events:
+                    if event.name != "ExecutorState::Process":  # a wrapper around the ops
+                        by_op[event.name.rsplit("/", 1)[-1].rpartition(":")[2]] += event.duration_ns
+    total = sum(by_op.values())
+    print(
+        f"{args.steps} steps ({precision}) in {wall:.2f} s wall, "
+        f"{wall / args.steps * 1e3:.1f} ms a step; op time {total / 1e9:.2f} s"
+    )
+    for op, nanoseconds in by_op.most_common(12):
+        print(f"  {100 * nanoseconds / total:5.1f}%  {op}")
+
+
+if __name__ == "__main__":
+    main()
