@@ -256,7 +256,8 @@ def read_idx(path, magic):
 def load_fashion_mnist(data_dir=None):
     """(x_train, y_train), (x_test, y_test) as uint8 arrays, from data_dir or the download."""
     paths = download_data_files() if data_dir is None else find_data_files(data_dir)
-    # Downloads were checked by get_file; of other files, only official-size ones are checked.
+    # Downloads were checked by get_file; of other files, each official-size one is checked
+    # (a list, not a generator, so that one unofficial file does not skip the others).
     official = data_dir is None or all([is_official(p, name) for name, p in paths.items()])
     splits = []
     for split in ("train", "t10k"):
