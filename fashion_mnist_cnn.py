@@ -185,7 +185,8 @@ def download_data_files():
 def find_data_files(data_dir):
     """The four files in data_dir, each either gzipped (official name) or not (no .gz)."""
     if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir}: no such folder")
+        problem = "not a folder" if data_dir.exists() else "no such folder"
+        raise UserError(f"--data-dir {data_dir}: {problem}")
     paths = {}
     for name in OFFICIAL_FILES:
         candidates = [data_dir / name, data_dir / name.removesuffix(".gz")]
@@ -261,12 +262,16 @@ def load_fashion_mnist(data_dir=None):
     official = data_dir is None or all([is_official(p, name) for name, p in paths.items()])
     splits = []
     for split in ("train", "t10k"):
-        images = read_idx(paths[f"{split}-images-idx3-ubyte.gz"], IDX_IMAGES)
-        labels = read_idx(paths[f"{split}-labels-idx1-ubyte.gz"], IDX_LABELS)
+        images_path = paths[f"{split}-images-idx3-ubyte.gz"]
+        labels_path = paths[f"{split}-labels-idx1-ubyte.gz"]
+        images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
         if len(images) != len(labels):
-            raise UserError(f"{split}: {len(images):,} images but {len(labels):,} labels")
+            raise UserError(
+                f"{images_path} holds {len(images):,} images but {labels_path} "
+                f"{len(labels):,} labels"
+            )
         if labels.max() > 9:
-            raise UserError(f"{split}: label {labels.max()} found, labels must be 0-9")
+            raise UserError(f"{labels_path}: label {labels.max()} found, labels must be 0-9")
         splits.append((images, labels))
     if not official:
         print(

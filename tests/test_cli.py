@@ -1,8 +1,10 @@
 """The program as users run it: arguments, whole runs, outputs, and every refusal."""
 
+import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import numpy as np
 import pytest
 from conftest import PROGRAM, SHARED, assert_clean_failure, make_dataset, run_program
 from PIL import Image
+
+import fashion_mnist_cnn as fm
 
 OPTIONS = [
     "--epochs",
@@ -190,6 +194,51 @@ def test_finished_run_is_not_overwritten(finished_run, data_dir):
     assert_clean_failure(result, "holds a finished run", "--overwrite")
     after = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in out.iterdir()}
     assert before == after
+
+
+def damage(folder, name, how):
+    path = folder / name
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "not-gzip":
+        path.write_bytes(b"\x1f\x8b" + b"not really gzip")
+    elif how == "wrong-magic":
+        path.write_bytes(gzip.compress(b"\x00\x00\x08\x07" + bytes(100)))
+    elif how == "label-12":
+        labels = gzip.decompress(data)
+        path.write_bytes(gzip.compress(labels[:-1] + bytes([12])))
+    elif how == "official-size":
+        path.write_bytes(bytes(fm.OFFICIAL_FILES[name][0]))
+
+
+@pytest.mark.parametrize(
+    "name, how, message",
+    [
+        ("train-images-idx3-ubyte.gz", "truncate", "gzip"),
+        ("t10k-images-idx3-ubyte.gz", "not-gzip", "not a valid gzip file"),
+        ("train-labels-idx1-ubyte.gz", "wrong-magic", "not an IDX label file"),
+        ("t10k-labels-idx1-ubyte.gz", "label-12", "label 12 found"),
+        ("train-labels-idx1-ubyte.gz", "official-size", "checksum mismatch"),
+    ],
+)
+def test_bad_data_is_refused_and_leaves_earlier_results_alone(
+    finished_run, tmp_path, name, how, message
+):
+    _, out, data = finished_run
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    damage(broken, name, how)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run_program("--data-dir", broken, "--out-dir", out, "--overwrite", "--no-show")
+    assert_clean_failure(result, name, message)
+    assert result.returncode == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_clean_failure(run_program("--data-dir", tmp_path / "file"), "not a folder")
 
 
 def test_out_dir_that_cannot_be_written(data_dir, tmp_path):

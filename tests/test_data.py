@@ -76,7 +76,7 @@ def header(ndim, *dims):
         (TRAIN_IMAGES, gz_idx(header(3, 20, 28, 28), bytes(784 * 19)), "is truncated"),
         (TRAIN_IMAGES, gz_idx(header(3, 20, 28, 28), bytes(784 * 21)), "bytes past the end"),
         (TRAIN_IMAGES, gz_idx(header(3, 0, 28, 28), b""), "holds no images"),
-        (TRAIN_IMAGES, gz_idx(header(3, 21, 28, 28), bytes(784 * 21)), "21 images but 20 labels"),
+        (TRAIN_IMAGES, gz_idx(header(3, 21, 28, 28), bytes(784 * 21)), "21 images but .*20 labels"),
         (TRAIN_LABELS, gz_idx(header(1, 20), bytes([3] * 19 + [10])), "label 10 found"),
         # A header that claims four billion images must not make us allocate for them.
         (TRAIN_IMAGES, gz_idx(header(3, 2**32 - 1, 28, 28), bytes(784)), "is truncated"),
