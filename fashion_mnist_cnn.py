@@ -140,6 +140,15 @@ def parse_train_args(argv):
         default="auto",
         help="auto: bfloat16 mixed precision where the CPU computes bf16 natively, else float32",
     )
+    parser.add_argument(
+        "--arch",
+        choices=["seed", "improved"],
+        default="seed",
+        help="seed: the classic model; improved: a small CNN with BatchNorm and Dropout",
+    )
+    parser.add_argument(
+        "--augment", action="store_true", help="random 2-pixel shifts and flips in training"
+    )
     parser.add_argument("--no-show", action="store_true", help="never open a figure window")
     return parser.parse_args(argv)
 
@@ -345,9 +354,52 @@ def choose_precision(requested):
     return "bfloat16" if native_bf16() else "float32"
 
 
-def build_model(precision="float32", steps_per_execution=32):
-    """The classic Fashion-MNIST CNN (93,322 parameters), compiled with Adam.
+def seed_layers(layers):
+    """The design's model, between the input and the 10-class output: 93,322 parameters."""
+    return [
+        layers.Conv2D(32, (3, 3), activation="relu"),
+        layers.MaxPooling2D((2, 2)),
+        layers.Conv2D(64, (3, 3), activation="relu"),
+        layers.MaxPooling2D((2, 2)),
+        layers.Conv2D(64, (3, 3), activation="relu"),
+        layers.Flatten(),
+        layers.Dense(64, activation="relu"),
+    ]
 
+
+def improved_layers(layers):
+    """A small CPU-friendly CNN with BatchNorm and Dropout (422,314 parameters), of the kind
+    the Fashion-MNIST benchmark lists at about 93% ("2 Conv+pooling+BN": 0.934).
+
+    BatchNorm's running statistics move with momentum 0.9, not Keras' 0.99, so that they
+    settle within a short run too (with 0.99, 45 steps on the sample left them unusable).
+    """
+    return [
+        layers.Conv2D(32, (3, 3), padding="same", use_bias=False),
+        layers.BatchNormalization(momentum=0.9),
+        layers.ReLU(),
+        layers.MaxPooling2D((2, 2)),
+        layers.Conv2D(64, (3, 3), padding="same", use_bias=False),
+        layers.BatchNormalization(momentum=0.9),
+        layers.ReLU(),
+        layers.MaxPooling2D((2, 2)),
+        layers.Dropout(0.25),
+        layers.Flatten(),
+        layers.Dense(128, use_bias=False),
+        layers.BatchNormalization(momentum=0.9),
+        layers.ReLU(),
+        layers.Dropout(0.5),
+    ]
+
+
+ARCHITECTURES = {"seed": seed_layers, "improved": improved_layers}
+
+
+def build_model(precision="float32", arch="seed", augment=False, steps_per_execution=32):
+    """The CNN, compiled with Adam: by default exactly the design's (93,322 parameters).
+
+    augment adds random shifts of up to 2 pixels and left-right flips inside the model: they
+    act only in training, so the saved model predicts on images unchanged.
     steps_per_execution runs that many batches per call into TensorFlow, which cuts Python
     overhead per step; it changes nothing else about training.
     """
@@ -359,20 +411,19 @@ def build_model(precision="float32", steps_per_execution=32):
         # Weights and Adam stay float32; only the arithmetic runs in bf16.
         keras.config.set_dtype_policy("mixed_bfloat16")
     try:
+        augmentation = [
+            layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
+            layers.RandomFlip("horizontal"),  # clothes are left-right symmetric enough
+        ]
         model = keras.Sequential(
             [
                 keras.Input((28, 28, 1)),
-                layers.Conv2D(32, (3, 3), activation="relu"),
-                layers.MaxPooling2D((2, 2)),
-                layers.Conv2D(64, (3, 3), activation="relu"),
-                layers.MaxPooling2D((2, 2)),
-                layers.Conv2D(64, (3, 3), activation="relu"),
-                layers.Flatten(),
-                layers.Dense(64, activation="relu"),
+                *(augmentation if augment else []),
+                *ARCHITECTURES[arch](layers),
                 # Softmax and loss in float32 whatever the policy, for stable probabilities.
                 layers.Dense(10, activation="softmax", dtype="float32"),
             ],
-            name="fashion_mnist_cnn",
+            name="fashion_mnist_cnn" if arch == "seed" else f"fashion_mnist_cnn_{arch}",
         )
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -718,7 +769,7 @@ def run_training(args):
     keras = start_tensorflow_quietly()
     keras.utils.set_random_seed(args.seed)  # Python, NumPy and TensorFlow in one go
     precision = choose_precision(args.precision)
-    model = build_model(precision)
+    model = build_model(precision, args.arch, args.augment)
     model.summary()
     print(
         f"Training on {len(fit):,} images, validating on {len(held_out):,}, "

@@ -1,6 +1,7 @@
 """Time the project's default run against the plain Keras recipe, side by side.
 
     python benchmarks/benchmark.py --data-dir DIR [--rounds 3] [--epochs 10]
+    python benchmarks/benchmark.py --data-dir DIR --compare -- "" "--augment" "--arch improved"
 
 Each round runs both, one after the other, in fresh processes, alternating which goes first,
 with seed = round number (so both sides see the same seeds). Per run it records the fit time
@@ -149,6 +150,33 @@ def summarise(runs):
     return ratios
 
 
+def compare(args):
+    """Run the program with each set of options, rotating the order every round."""
+    variants = [v.split() for v in args.extra]
+    labels = [" ".join(v) or "(default)" for v in variants]
+    runs = {label: [] for label in labels}
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in range(args.rounds):
+            shift = seed % len(variants)
+            for label, extra in (
+                list(zip(labels, variants))[shift:] + list(zip(labels, variants))[:shift]
+            ):
+                result = run_default(args.data_dir, seed, args.epochs, Path(scratch), extra)
+                runs[label].append(result)
+                print(f"round {seed} {label:<26} accuracy={result['test_accuracy']:.4f} "
+                      f"wall={result['wall']:.1f} fit/epoch={result['fit_per_epoch']:.1f}",
+                      flush=True)  # fmt: skip
+    base = statistics.mean(r["wall"] for r in runs[labels[0]])
+    print(f"\n{'options':<28}{'accuracy mean ± sd':>22}{'wall mean s':>13}{'vs first':>10}")
+    for label, side in runs.items():
+        accuracies = [r["test_accuracy"] for r in side]
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        wall = statistics.mean(r["wall"] for r in side)
+        print(f"{label:<28}{statistics.mean(accuracies):>13.4f} ± {spread:.4f}"
+              f"{wall:>13.1f}{wall / base:>9.2f}x")  # fmt: skip
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -158,7 +186,18 @@ def main():
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write every run and the ratios here")
     parser.add_argument("extra", nargs="*", help="after --: extra options for the default run")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="instead of plain vs default, compare the program run with each option set given "
+        'after --, e.g. --compare -- "" "--augment" "--arch improved"',
+    )
     args = parser.parse_args()
+    if args.compare:
+        runs = compare(args)
+        if args.json:
+            args.json.write_text(json.dumps(runs, indent=2) + "\n")
+        return
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

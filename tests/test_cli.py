@@ -28,6 +28,8 @@ OPTIONS = [
     "--samples",
     "--precision",
     "--overwrite",
+    "--arch",
+    "--augment",
 ]
 
 
@@ -164,8 +166,11 @@ def test_run_writes_loadable_model_and_honest_metrics(finished_run):
         "no_show",
         "samples",
         "precision",
+        "arch",
+        "augment",
     ]:
         assert key in config
+    assert config["arch"] == "seed" and config["augment"] is False
     assert (
         config["epochs"] == 2
         and config["batch_size"] == 32

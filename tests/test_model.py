@@ -96,3 +96,33 @@ def test_training_learns_visually_distinct_classes(tmp_path, precision):
     assert set(results["per_class_accuracy"]) == set(fm.CLASS_NAMES)
     assert results["confusion"].sum() == 300
     assert np.trace(results["confusion"]) / 300 == pytest.approx(results["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("arch, augment", [("seed", True), ("improved", False), ("improved", True)])
+def test_options_build_train_save_load_and_predict(tmp_path, arch, augment):
+    keras.utils.set_random_seed(0)
+    labels = np.arange(64) % 10
+    images = distinct_images(labels)
+    model = fm.build_model("float32", arch, augment)
+    names = [type(layer).__name__ for layer in model.layers]
+    assert ("RandomTranslation" in names and "RandomFlip" in names) == augment
+    if arch == "improved":
+        assert model.count_params() < 500_000
+        assert "BatchNormalization" in names and "Dropout" in names
+    else:
+        assert model.count_params() == 93_322
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    fm.train(model, fm.batches(images, labels, 32, shuffle=True), None, 1, tmp_path)
+    assert any(not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights))
+    model.save(tmp_path / "model.keras")
+    loaded = fm.load_trained_model(tmp_path / "model.keras")
+    x = fm.scale_pixels(images[:5])
+    # Augmentation and dropout act only in training: predictions are repeatable and survive
+    # saving and loading.
+    assert np.allclose(loaded.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    from PIL import Image
+
+    Image.fromarray(images[0]).save(tmp_path / "item.png")
+    (result,) = fm.predict_images(loaded, [tmp_path / "item.png"])
+    assert result["top3"][0]["class"] in fm.CLASS_NAMES
