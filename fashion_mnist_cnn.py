@@ -411,14 +411,20 @@ def build_model(precision="float32", arch="seed", augment=False, steps_per_execu
         # Weights and Adam stay float32; only the arithmetic runs in bf16.
         keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        augmentation = [
-            layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
-            layers.RandomFlip("horizontal"),  # clothes are left-right symmetric enough
-        ]
+        # Made only when asked: random layers draw on the global seed when created, which
+        # would change the default model's initial weights.
+        augmentation = (
+            [
+                layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant"),
+                layers.RandomFlip("horizontal"),  # clothes are left-right symmetric enough
+            ]
+            if augment
+            else []
+        )
         model = keras.Sequential(
             [
                 keras.Input((28, 28, 1)),
-                *(augmentation if augment else []),
+                *augmentation,
                 *ARCHITECTURES[arch](layers),
                 # Softmax and loss in float32 whatever the policy, for stable probabilities.
                 layers.Dense(10, activation="softmax", dtype="float32"),

@@ -126,3 +126,29 @@ def test_options_build_train_save_load_and_predict(tmp_path, arch, augment):
     Image.fromarray(images[0]).save(tmp_path / "item.png")
     (result,) = fm.predict_images(loaded, [tmp_path / "item.png"])
     assert result["top3"][0]["class"] in fm.CLASS_NAMES
+
+
+def test_default_model_starts_from_the_same_weights_as_the_plain_recipe():
+    """Same seed, same initial weights as the design's model written out plainly: the options
+    (augmentation, architectures, precision) must not disturb the default run's results."""
+    from keras import layers
+
+    keras.utils.set_random_seed(5)
+    ours = fm.build_model()
+    keras.utils.set_random_seed(5)
+    plain = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(32, (3, 3), activation="relu"),
+            layers.MaxPooling2D((2, 2)),
+            layers.Conv2D(64, (3, 3), activation="relu"),
+            layers.MaxPooling2D((2, 2)),
+            layers.Conv2D(64, (3, 3), activation="relu"),
+            layers.Flatten(),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+    assert len(ours.weights) == len(plain.weights) == 10
+    for a, b in zip(ours.weights, plain.weights):
+        assert np.array_equal(a.numpy(), b.numpy())
