@@ -87,6 +87,15 @@ def fraction(text):
     return value
 
 
+def seed_value(text):
+    # NumPy's seeding, which Keras' set_random_seed uses too, takes 0 to 2**32 - 1 only.
+    if not text.isdigit() or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 0 to 2**32 - 1, got {text!r}"
+        )
+    return int(text)
+
+
 def sample_index(text):
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a test image index (0, 1, ...), got {text!r}")
@@ -109,7 +118,7 @@ def parse_train_args(argv):
         default=VALIDATION_SPLIT,
         help="share of the training set held out (at random) to validate each epoch",
     )
-    parser.add_argument("--seed", type=int, default=SEED, help="random seed, so runs repeat")
+    parser.add_argument("--seed", type=seed_value, default=SEED, help="random seed, so runs repeat")
     parser.add_argument(
         "--data-dir",
         type=Path,

@@ -68,6 +68,8 @@ def test_help_lists_every_option_with_defaults_without_tensorflow():
         (["--validation-split", "0"], "--validation-split"),
         (["--validation-split", "nan"], "--validation-split"),
         (["--samples", "-3"], "--samples"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", "4294967296"], "--seed"),
         (["--precision", "float16"], "--precision"),
         (["--no-such-option"], "unrecognized"),
         (["predict"], "required"),
