@@ -480,9 +480,9 @@ def train(model, train_data, validation_data, epochs, out_dir):
 
     with stop_on_ctrl_c(model) as state:
         history = model.fit(
-            # One iterator for the whole run: no epoch waits for the pipeline to restart.
-            train_data.repeat(),
-            steps_per_epoch=int(train_data.cardinality()),
+            # Not train_data.repeat() with steps_per_epoch: with steps_per_execution, Keras would
+            # then run whole executions of 32 batches, overrunning every epoch's end.
+            train_data,
             validation_data=validation_data,
             epochs=epochs,
             shuffle=False,  # the pipeline already reshuffles every epoch

@@ -98,6 +98,14 @@ def test_training_learns_visually_distinct_classes(tmp_path, precision):
     assert np.trace(results["confusion"]) / 300 == pytest.approx(results["test_accuracy"], abs=1e-6)
 
 
+def test_an_epoch_is_its_batches_and_no_more(tmp_path):
+    """101 images in batches of 33: 4 steps an epoch, though Keras runs 32 steps per call."""
+    labels = np.arange(101) % 10
+    model = fm.build_model("float32")
+    fm.train(model, fm.batches(distinct_images(labels), labels, 33), None, 2, tmp_path)
+    assert int(model.optimizer.iterations) == 8
+
+
 @pytest.mark.parametrize("arch, augment", [("seed", True), ("improved", False), ("improved", True)])
 def test_options_build_train_save_load_and_predict(tmp_path, arch, augment):
     keras.utils.set_random_seed(0)
