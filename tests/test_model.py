@@ -70,6 +70,19 @@ def test_pipeline_batches_scaled_float32_with_a_channel():
     assert np.rint(x.numpy()[:, 0, 0, 0] * 255).astype(int).tolist() == [5, 17, 60]
 
 
+def test_evaluate_agrees_with_keras_evaluate():
+    keras.utils.set_random_seed(0)
+    labels = np.arange(300) % 10
+    images = distinct_images(labels)
+    model = fm.build_model("float32")
+    model.fit(fm.batches(images, labels, 32, shuffle=True), shuffle=False, verbose=0)
+    loss, accuracy = model.evaluate(fm.batches(images, labels, 256), verbose=0)
+    results = fm.evaluate(model, fm.batches(images, labels, 256), labels)
+    assert results["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert results["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert results["probabilities"].shape == (300, 10)
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_training_learns_visually_distinct_classes(tmp_path, precision):
     """A short run must separate ten plainly different patterns; a broken loop cannot."""
