@@ -1,7 +1,7 @@
 """Where does a training step's time go? Profile the default run's fit and total it by op.
 
     pip install xprof   # reads TensorFlow's profile files; not needed for anything else
-    python benchmarks/profile_epoch.py --data-dir DIR [--steps 200] [--precision auto]
+    python benchmarks/profile_epoch.py --data-dir DIR [--steps 200] [--precision auto] [--no-split]
 
 It trains one warm-up pass (tracing, oneDNN set-up), then profiles `--steps` steps of the
 default run's training with tf.profiler and prints each op type's share of the compute time.
@@ -23,27 +23,33 @@ def main():
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--no-split", action="store_true", help="whole batches, not halves")
     args = parser.parse_args()
     try:
         from xprof.profile_data import ProfileData
     except ImportError:
         sys.exit("profile_epoch.py needs xprof to read the profile: pip install xprof")
 
+    (x_train, y_train), _ = fm.load_fashion_mnist(args.data_dir)
+    split = not args.no_split and fm.can_split_batches(
+        "seed", fm.BATCH_SIZE, len(x_train), n_held_out=0
+    )
+    if split:
+        fm.share_cores_between_halves()
     keras = fm.start_tensorflow_quietly()
     import tensorflow as tf
 
-    (x_train, y_train), _ = fm.load_fashion_mnist(args.data_dir)
     keras.utils.set_random_seed(0)
     precision = fm.choose_precision(args.precision)
     model = fm.build_model(precision)
-    data = fm.batches(x_train, y_train, fm.BATCH_SIZE, shuffle=True).take(args.steps)
-    model.fit(
-        data, verbose=0, shuffle=False
-    )  # warm-up: tracing and kernel set-up are not steady state
+    model = fm.in_halves(model) if split else model
+    data = fm.batches(x_train, y_train, fm.BATCH_SIZE, shuffle=True, halves=split)
+    data = data.take(args.steps)
+    model.fit(data, verbose=0)  # warm-up: tracing and kernel set-up are not steady state
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         start = time.perf_counter()
-        model.fit(data, verbose=0, shuffle=False)
+        model.fit(data, verbose=0)
         wall = time.perf_counter() - start
         tf.profiler.experimental.stop()
         profile = ProfileData.from_file(str(next(Path(logdir).rglob("*.xplane.pb"))))
@@ -57,7 +63,7 @@ def main():
                         by_op[event.name.rsplit("/", 1)[-1].rpartition(":")[2]] += event.duration_ns
     total = sum(by_op.values())
     print(
-        f"{args.steps} steps ({precision}) in {wall:.2f} s wall, "
+        f"{args.steps} steps ({precision}{', in halves' if split else ''}) in {wall:.2f} s wall, "
         f"{wall / args.steps * 1e3:.1f} ms a step; op time {total / 1e9:.2f} s"
     )
     for op, nanoseconds in by_op.most_common(12):

@@ -170,6 +170,8 @@ def test_run_writes_loadable_model_and_honest_metrics(finished_run):
         "precision",
         "arch",
         "augment",
+        "no_split",
+        "split_batches",
     ]:
         assert key in config
     assert config["arch"] == "seed" and config["augment"] is False
@@ -254,6 +256,19 @@ def test_out_dir_that_cannot_be_written(data_dir, tmp_path):
     result = run_program("--data-dir", data_dir, "--out-dir", blocker / "run", "--no-show")
     assert_clean_failure(result, "--out-dir", "cannot write")
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "n_train, args",
+    [(200, ["--no-split"]), (162, [])],  # 162: 129 to train on, a last batch of one image
+)
+def test_whole_batches_when_asked_or_when_halves_cannot_be(tmp_path, n_train, args):
+    data = make_dataset(tmp_path / "data", n_train=n_train, n_test=20)
+    out = tmp_path / "out"
+    result = run_program("--data-dir", data, "--epochs", "1", "--no-show", "--out-dir", out, *args)
+    assert result.returncode == 0, result.stderr
+    assert "halves" not in result.stdout
+    assert json.loads((out / "metrics.json").read_text())["config"]["split_batches"] is False
 
 
 def test_default_out_dir_is_new_per_run(data_dir, tmp_path):

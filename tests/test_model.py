@@ -70,6 +70,76 @@ def test_pipeline_batches_scaled_float32_with_a_channel():
     assert np.rint(x.numpy()[:, 0, 0, 0] * 255).astype(int).tolist() == [5, 17, 60]
 
 
+def test_pipeline_halves_are_the_batch_cut_in_two():
+    images = np.zeros((70, 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(70)
+    labels = np.arange(70) % 10
+    whole = list(fm.batches(images, labels, 32))
+    halves = list(fm.batches(images, labels, 32, halves=True))
+    assert [(len(a), len(b)) for (a, b), _ in halves] == [(16, 16), (16, 16), (3, 3)]
+    for ((first, second), y_halves), (x, y) in zip(halves, whole):
+        assert np.array_equal(np.concatenate([first, second]), x)
+        assert np.array_equal(y_halves, y)
+
+
+def test_can_split_batches_only_where_results_stay_the_same(monkeypatch):
+    monkeypatch.setattr(fm, "cpu_cores", lambda: 2)
+    assert fm.can_split_batches("seed", 32, 48_000, 12_000)
+    assert not fm.can_split_batches("improved", 32, 48_000, 12_000)  # BatchNorm
+    assert not fm.can_split_batches("seed", 1, 48_000, 12_000)
+    assert not fm.can_split_batches("seed", 32, 48_001, 12_000)  # a last batch of one image
+    assert not fm.can_split_batches("seed", 32, 48_000, 12_033)  # 12_033 % 256 == 1
+    monkeypatch.setattr(fm, "cpu_cores", lambda: 1)
+    assert not fm.can_split_batches("seed", 32, 48_000, 12_000)
+
+
+def test_halves_give_the_whole_batch_loss_and_gradients():
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    labels = np.arange(33) % 10
+    x = fm.scale_pixels(distinct_images(labels))
+    model = fm.build_model("float32")
+    trainer = fm.in_halves(model)
+    gradients = []
+    for net, inputs in ((model, x), (trainer, [x[:16], x[16:]])):
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(labels, net(inputs)))
+        gradients.append(tape.gradient(loss, model.trainable_weights))
+    assert np.allclose(trainer([x[:16], x[16:]]), model(x), atol=1e-6)
+    for whole, halves in zip(*gradients):
+        assert np.allclose(whole, halves, atol=1e-6)
+
+
+def test_training_in_halves_is_training_on_the_whole_batch(tmp_path):
+    """Same start, same batches (odd sizes too): the same history, weights and Adam state, up
+    to rounding. Adam's first steps go by the gradients' signs, so where a gradient is about
+    0 rounding can flip an update of the learning rate (1e-3): hence the tolerances."""
+    labels = np.arange(101) % 10
+    images = distinct_images(labels)
+    runs = []
+    for halves in (False, True):
+        keras.utils.set_random_seed(0)
+        model = fm.build_model("float32")
+        trainer = fm.in_halves(model) if halves else model
+        history, _, _ = fm.train(
+            trainer,
+            fm.batches(images, labels, 33, halves=halves),  # batches of 33, 33, 33 and 2
+            fm.batches(images, labels, 256, np.arange(45), halves=halves),
+            2,
+            tmp_path,
+        )
+        runs.append((history, [w.numpy() for w in model.weights], model.optimizer))
+    (whole, whole_weights, whole_adam), (split, split_weights, split_adam) = runs
+    assert split.keys() == whole.keys()
+    for key in whole:
+        assert np.allclose(split[key], whole[key], rtol=1e-3, atol=1e-5), key
+    assert whole["val_accuracy"][-1] > 0.5  # it learned (chance: 0.1)
+    for a, b in zip(whole_weights, split_weights):
+        assert np.allclose(a, b, atol=1e-3)
+    assert int(split_adam.iterations) == int(whole_adam.iterations) == 8
+
+
 def test_evaluate_agrees_with_keras_evaluate():
     keras.utils.set_random_seed(0)
     labels = np.arange(300) % 10
