@@ -460,7 +460,10 @@ def build_model(precision="float32", arch="seed", augment=False, steps_per_execu
 
 
 def cpu_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The cores this process may use (os.cpu_count() where affinity is unknown, or 1)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def can_split_batches(arch, batch_size, n_fit, n_held_out):
@@ -471,7 +474,7 @@ def can_split_batches(arch, batch_size, n_fit, n_held_out):
     refuse the empty half.
     """
     return (
-        (cpu_cores() or 1) >= 2
+        cpu_cores() >= 2
         and arch == "seed"
         and batch_size >= 2
         and n_fit % batch_size != 1
