@@ -470,16 +470,18 @@ def cpu_cores():
     return os.cpu_count() or 1
 
 
-def can_split_batches(arch, batch_size, n_fit, n_held_out):
+def can_split_batches(arch, augment, batch_size, n_fit, n_held_out):
     """Can each batch run as two halves side by side, with the same results?
 
     That takes two cores; a model without BatchNorm (the improved one normalises by its batch's
-    statistics, which halves would change); and no batch of one image, as oneDNN's convolutions
-    refuse the empty half.
+    statistics, which halves would change); no augmentation (each half would draw its own
+    shifts and flips, so a seed would give another run on one core than on two); and no batch
+    of one image, as oneDNN's convolutions refuse the empty half.
     """
     return (
         cpu_cores() >= 2
         and arch == "seed"
+        and not augment
         and batch_size >= 2
         and n_fit % batch_size != 1
         and n_held_out % EVAL_BATCH_SIZE != 1
@@ -858,7 +860,7 @@ def run_training(args):
         matplotlib.use("Agg")  # no window: works on servers and in CI
 
     split = not args.no_split and can_split_batches(
-        args.arch, args.batch_size, len(fit), len(held_out)
+        args.arch, args.augment, args.batch_size, len(fit), len(held_out)
     )
     if split:
         share_cores_between_halves()

@@ -32,7 +32,7 @@ def main():
 
     (x_train, y_train), _ = fm.load_fashion_mnist(args.data_dir)
     split = not args.no_split and fm.can_split_batches(
-        "seed", fm.BATCH_SIZE, len(x_train), n_held_out=0
+        "seed", False, fm.BATCH_SIZE, len(x_train), n_held_out=0
     )
     if split:
         fm.share_cores_between_halves()

@@ -260,7 +260,7 @@ def test_out_dir_that_cannot_be_written(data_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "n_train, args",
-    [(200, ["--no-split"]), (162, [])],  # 162: 129 to train on, a last batch of one image
+    [(200, ["--no-split"]), (200, ["--augment"]), (162, [])],  # 162: a last batch of one image
 )
 def test_whole_batches_when_asked_or_when_halves_cannot_be(tmp_path, n_train, args):
     data = make_dataset(tmp_path / "data", n_train=n_train, n_test=20)

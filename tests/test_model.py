@@ -93,13 +93,14 @@ def test_pipeline_halves_are_the_batch_cut_in_two():
 
 def test_can_split_batches_only_where_results_stay_the_same(monkeypatch):
     monkeypatch.setattr(fm, "cpu_cores", lambda: 2)
-    assert fm.can_split_batches("seed", 32, 48_000, 12_000)
-    assert not fm.can_split_batches("improved", 32, 48_000, 12_000)  # BatchNorm
-    assert not fm.can_split_batches("seed", 1, 48_000, 12_000)
-    assert not fm.can_split_batches("seed", 32, 48_001, 12_000)  # a last batch of one image
-    assert not fm.can_split_batches("seed", 32, 48_000, 12_033)  # 12_033 % 256 == 1
+    assert fm.can_split_batches("seed", False, 32, 48_000, 12_000)
+    assert not fm.can_split_batches("improved", False, 32, 48_000, 12_000)  # BatchNorm
+    assert not fm.can_split_batches("seed", True, 32, 48_000, 12_000)  # halves' own random draws
+    assert not fm.can_split_batches("seed", False, 1, 48_000, 12_000)
+    assert not fm.can_split_batches("seed", False, 32, 48_001, 12_000)  # a last batch of one image
+    assert not fm.can_split_batches("seed", False, 32, 48_000, 12_033)  # 12_033 % 256 == 1
     monkeypatch.setattr(fm, "cpu_cores", lambda: 1)
-    assert not fm.can_split_batches("seed", 32, 48_000, 12_000)
+    assert not fm.can_split_batches("seed", False, 32, 48_000, 12_000)
 
 
 def test_halves_give_the_whole_batch_loss_and_gradients():
