@@ -71,8 +71,8 @@ def test_pipeline_batches_scaled_float32_with_a_channel():
 
 
 def test_pipeline_runs_without_tf_data_autotuning():
-    # Autotuning's background thread held up the end of each pass over the data, by up to 2.6 s
-    # an epoch: a regression here shows only in the benchmark, so it is pinned here.
+    # With autotuning on, each pass over the data ended only at the autotuner's next round (a 6 s
+    # epoch took 10.2 s): a regression shows only in the benchmark, so it is pinned here.
     labels = np.arange(10)
     data = fm.batches(np.zeros((10, 28, 28), np.uint8), labels, 4, shuffle=True, halves=True)
     assert data.options().autotune.enabled is False
