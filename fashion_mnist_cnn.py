@@ -2,7 +2,8 @@
 
     python fashion_mnist_cnn.py                        # train and evaluate; results in runs/<time>/
     python fashion_mnist_cnn.py --data-dir DIR         # the same, offline, from the four IDX files
-    python fashion_mnist_cnn.py predict MODEL IMAGE... # classify your own pictures
+    python fashion_mnist_cnn.py predict MODEL PATH...  # classify your own photos and folders
+    python fashion_mnist_cnn.py finetune MODEL FOLDER  # adapt the model to your labelled photos
 
 The run reads top to bottom: arguments -> data -> model -> train -> evaluate -> figures -> save.
 TensorFlow is imported only once the arguments and the data have been checked, so that --help
@@ -17,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -35,6 +37,11 @@ VALIDATION_SPLIT = 0.2  # share of the training set held out to validate each ep
 SEED = 42
 SAMPLES = [0, 1]  # test images shown in predictions.png
 EVAL_BATCH_SIZE = 256  # validation and test passes only: same numbers, fewer steps
+
+# Fine-tuning on your own photos (`finetune`): chosen on photo-like shots (benchmarks/README.md).
+FINETUNE_EPOCHS = 30
+FINETUNE_LEARNING_RATE = 0.0001
+FINETUNE_HOLDOUT = 0.2  # share of each class's photos kept back to measure on
 
 CLASS_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -106,8 +113,9 @@ def parse_train_args(argv):
     parser = ArgumentParser(
         prog="fashion_mnist_cnn.py",
         description="Train the classic small CNN on Fashion-MNIST and show what it learned.",
-        epilog="To classify your own images with a trained model: "
-        "fashion_mnist_cnn.py predict MODEL IMAGE [IMAGE ...] (see predict --help).",
+        epilog="Then, with the model.keras a run writes: fashion_mnist_cnn.py predict MODEL "
+        "PATH... classifies your own photos and folders; fashion_mnist_cnn.py finetune MODEL "
+        "FOLDER adapts the model to your labelled photos (see predict --help, finetune --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--epochs", type=positive_int, default=EPOCHS, help="training epochs")
@@ -171,13 +179,55 @@ def parse_train_args(argv):
 def parse_predict_args(argv):
     parser = ArgumentParser(
         prog="fashion_mnist_cnn.py predict",
-        description="Classify your own pictures with a model.keras from a training run. Any "
-        "size or colour of PNG or JPEG: each is made grey, 28x28, light-on-dark and centred, "
-        "as the training images were.",
+        description="Classify your own pictures with a model.keras from a training or "
+        "fine-tuning run. Product photos of any size and background, PNG or JPEG: each is "
+        "brought to what the model was trained on, as Fashion-MNIST was made from Zalando's.",
     )
-    parser.add_argument("model", type=Path, help="a model.keras written by a training run")
-    parser.add_argument("images", type=Path, nargs="+", metavar="image", help="PNG or JPEG")
+    parser.add_argument("model", type=Path, help="a model.keras written by a run")
+    parser.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        metavar="path",
+        help="PNG or JPEG files, and folders: every PNG and JPEG under them, in sorted order",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--csv", type=Path, metavar="FILE", help="also write one row per image to FILE"
+    )
+    return parser.parse_args(argv)
+
+
+def parse_finetune_args(argv):
+    parser = ArgumentParser(
+        prog="fashion_mnist_cnn.py finetune",
+        description="Adapt a trained model to your own labelled photos. FOLDER holds one "
+        "subfolder per class, named after it (case, spaces and punctuation ignored: "
+        "t-shirt_top, Ankle boot); classes without photos may be left out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", type=Path, help="a model.keras written by a run")
+    parser.add_argument("folder", type=Path, help="the labelled photos, a subfolder per class")
+    parser.add_argument("--epochs", type=positive_int, default=FINETUNE_EPOCHS, help="epochs")
+    parser.add_argument(
+        "--learning-rate", type=fraction, default=FINETUNE_LEARNING_RATE, help="Adam's rate"
+    )
+    parser.add_argument(
+        "--holdout",
+        type=fraction,
+        default=FINETUNE_HOLDOUT,
+        help="share of each class's photos held out to measure before and after",
+    )
+    parser.add_argument("--seed", type=seed_value, default=SEED, help="random seed")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where the new model and metrics go (default: a new runs/<timestamp>-finetune/)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="allow an --out-dir that holds a finished run"
+    )
     return parser.parse_args(argv)
 
 
@@ -358,22 +408,155 @@ def scale_pixels(images):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model
+# Compute: where the model runs and how. Every such choice is made here, from the devices and the
+# CPU's features; the run's header line shows them and metrics.json records them with reasons.
+
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN from AVX-512, or from its bf16 instructions.
+BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+BELOW_BF16 = BELOW_AVX512 | {"AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
-def native_bf16():
-    """Does this CPU compute bfloat16 natively (AVX512_BF16 or AMX)? Only then is bf16 faster."""
+def cpu_info():
+    """The CPU's model name and feature flags, less those that ONEDNN_MAX_CPU_ISA forbids
+    oneDNN (so ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512 CPU compute, and choose, as AVX2)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        lines = []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap in BELOW_AVX512:
+        flags = {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
+    if cap in BELOW_BF16:
+        flags -= {"avx512_bf16", "amx_bf16"}
+    return fields.get("model name", platform.machine() or "unknown CPU"), flags
 
 
-def choose_precision(requested):
-    if requested != "auto":
-        return requested
-    return "bfloat16" if native_bf16() else "float32"
+def cpu_class(flags):
+    """The class of CPU that decides which kernels run fastest."""
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512 with bf16"
+    if "avx512f" in flags:
+        return "AVX-512"
+    return "AVX2" if "avx2" in flags else "older than AVX2"
+
+
+def cpu_cores():
+    """The cores this process may use (os.cpu_count() where affinity is unknown, or 1)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def choose_onednn(flags):
+    """Turn on TensorFlow's oneDNN kernels wherever the CPU has AVX2: TensorFlow does so by
+    default only with AVX-512-class features, leaving AVX2 CPUs on slower Eigen convolutions.
+    Must run before TensorFlow is imported; the user's TF_ENABLE_ONEDNN_OPTS still wins."""
+    if "avx2" in flags:
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def onednn_setting():
+    return {"1": "on", "0": "off"}.get(os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "TF's default")
+
+
+def find_gpus():
+    """The GPUs TensorFlow will compute on: name and compute capability of each."""
+    import tensorflow as tf
+
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        gpus.append(
+            {
+                "name": details.get("device_name", gpu.name),
+                "compute_capability": tuple(details.get("compute_capability", (0, 0))),
+            }
+        )
+    return gpus
+
+
+def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
+    """Where to train and how: device, precision, batches whole or in halves, threads.
+
+    gpus as find_gpus() returns them, cpu as cpu_info(). Returns the choices and, under "why",
+    the reason for each: the header line and metrics.json show both.
+    """
+    model_name, flags = cpu
+    if gpus:
+        capability = min(gpu["compute_capability"] for gpu in gpus)
+        device = f"GPU ({gpus[0]['name']}" + (f", x{len(gpus)})" if len(gpus) > 1 else ")")
+        native_bf16 = capability >= (8, 0)
+        why_precision = f"compute capability {capability[0]}.{capability[1]}: bf16 is " + (
+            "native" if native_bf16 else "native only from 8.0, so float32"
+        )
+        split, why_split = False, "on a GPU a whole batch is one kernel per layer already"
+        threads, why_threads = None, "TensorFlow's own on a GPU"
+    else:
+        device = f"CPU ({model_name}, {cpu_class(flags)}, {cores} cores)"
+        native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+        why_precision = "the CPU " + (
+            "computes bf16 natively" if native_bf16 else "has no native bf16, so float32"
+        )
+        split, why_split = split_rule(args, n_fit, n_held_out, cores)
+        threads = {"intra_op": cores // 2, "inter_op": 2} if split else None
+        why_threads = "half the cores for each half" if split else "TensorFlow's own"
+    precision = args.precision
+    if precision == "auto":
+        precision = "bfloat16" if native_bf16 else "float32"
+    else:
+        why_precision = f"--precision {precision}"
+    return {
+        "device": device,
+        "precision": precision,
+        "split_batches": split,
+        "threads": threads,
+        "onednn": onednn,
+        "why": {"precision": why_precision, "split_batches": why_split, "threads": why_threads},
+    }
+
+
+def split_rule(args, n_fit, n_held_out, cores):
+    """Can each batch run as two halves side by side on the CPU, with the same results?
+
+    Only where it was measured to pay: 2 cores (on 1 the halves could not run side by side;
+    more are unmeasured, so TensorFlow's own threading). And only where nothing but rounding
+    changes: the classic model (the improved one's BatchNorm normalises by its batch's
+    statistics), no augmentation (each half would draw its own shifts and flips, so a seed would
+    give another run on one core than on two), and no batch of one image, as oneDNN's
+    convolutions refuse the empty half.
+    """
+    rules = [
+        (args.no_split, "--no-split"),
+        (cores != 2, f"{cores} core(s); halves are measured to pay on 2"),
+        (args.arch != "seed", "--arch improved (BatchNorm needs the whole batch)"),
+        (args.augment, "--augment (each half would draw its own shifts)"),
+        (args.batch_size < 2, "batches of one image"),
+        (n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1, "a batch of one"),
+    ]
+    reasons = [reason for applies, reason in rules if applies]
+    if reasons:
+        return False, "whole batches: " + reasons[0]
+    return True, "2 cores, the classic model: two halves side by side, the same results"
+
+
+def apply_threads(threads):
+    """Set TensorFlow's thread pools before its first operation; TF_NUM_INTRAOP_THREADS and
+    TF_NUM_INTEROP_THREADS set by the user still win."""
+    import tensorflow as tf
+
+    if threads and "TF_NUM_INTRAOP_THREADS" not in os.environ:
+        tf.config.threading.set_intra_op_parallelism_threads(threads["intra_op"])
+    if threads and "TF_NUM_INTEROP_THREADS" not in os.environ:
+        tf.config.threading.set_inter_op_parallelism_threads(threads["inter_op"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
 
 
 def seed_layers(layers):
@@ -464,39 +647,6 @@ def build_model(precision="float32", arch="seed", augment=False, steps_per_execu
     return model
 
 
-def cpu_cores():
-    """The cores this process may use (os.cpu_count() where affinity is unknown, or 1)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def can_split_batches(arch, augment, batch_size, n_fit, n_held_out):
-    """Can each batch run as two halves side by side, with the same results?
-
-    That takes two cores; a model without BatchNorm (the improved one normalises by its batch's
-    statistics, which halves would change); no augmentation (each half would draw its own
-    shifts and flips, so a seed would give another run on one core than on two); and no batch
-    of one image, as oneDNN's convolutions refuse the empty half.
-    """
-    return (
-        cpu_cores() >= 2
-        and arch == "seed"
-        and not augment
-        and batch_size >= 2
-        and n_fit % batch_size != 1
-        and n_held_out % EVAL_BATCH_SIZE != 1
-    )
-
-
-def share_cores_between_halves():
-    """Give each half's operations half the cores. By default every TensorFlow operation may use
-    all of them, and two at a time would fight over them. Must run before TensorFlow starts;
-    TF_NUM_INTRAOP_THREADS and TF_NUM_INTEROP_THREADS set by the user still win."""
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(cpu_cores() // 2))
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
-
-
 def in_halves(model):
     """The same model and weights, fed each batch as two halves that run side by side.
 
@@ -523,30 +673,39 @@ def in_halves(model):
 # Train and evaluate
 
 
+# Signals that stop training gracefully: Ctrl-C, and the SIGTERM of schedulers, `timeout` and
+# container stops.
+STOP_SIGNALS = {signal.SIGINT: "Interrupted", signal.SIGTERM: "Terminated"}
+
+
 @contextlib.contextmanager
-def stop_on_ctrl_c(model):
-    """First Ctrl-C: finish the current batch, then stop training (results are still saved).
-    Second Ctrl-C: quit at once; files already written stay whole, being written atomically."""
-    state = {"interrupted": False}
+def stop_gracefully(model):
+    """First Ctrl-C or SIGTERM: finish the current step, then stop training (what was learned
+    is still evaluated and saved). A second: quit at once; files already written stay whole,
+    being written atomically. state["signal"] says which signal stopped it, if any."""
+    state = {"signal": None}
 
     def handle(signum, frame):
-        state["interrupted"] = True
+        state["signal"] = signum
         model.stop_training = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        print("\nInterrupted: finishing this batch, then saving. Ctrl-C again to quit now.")
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_DFL)
+        print(f"\n{STOP_SIGNALS[signum]}: finishing this step, then saving. Again to quit now.")
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {stop_signal: signal.signal(stop_signal, handle) for stop_signal in STOP_SIGNALS}
     try:
         yield state
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for stop_signal, handler in previous.items():
+            signal.signal(stop_signal, handler)
 
 
 def train(model, train_data, validation_data, epochs, out_dir):
-    """Fit the model; return its per-epoch history and whether Ctrl-C cut it short."""
+    """Fit the model; return its per-epoch history, the signal that cut it short (or None)
+    and the epochs completed."""
     import keras
 
-    with stop_on_ctrl_c(model) as state:
+    with stop_gracefully(model) as state:
         history = model.fit(
             # Not train_data.repeat() with steps_per_epoch: with steps_per_execution, Keras would
             # then run whole executions of 32 batches, overrunning every epoch's end.
@@ -559,9 +718,9 @@ def train(model, train_data, validation_data, epochs, out_dir):
             callbacks=[keras.callbacks.CSVLogger(out_dir / "history.csv")],
         )
     epochs_run = len(history.history.get("loss", []))
-    # An epoch cut short by Ctrl-C is not a completed one.
-    epochs_completed = epochs_run - 1 if state["interrupted"] and epochs_run else epochs_run
-    return history.history, state["interrupted"], epochs_completed
+    # An epoch cut short by a signal is not a completed one.
+    epochs_completed = epochs_run - 1 if state["signal"] and epochs_run else epochs_run
+    return history.history, state["signal"], epochs_completed
 
 
 def evaluate(model, test_data, y_test):
@@ -684,10 +843,10 @@ def plot_confusion_matrix(confusion):
 # Save
 
 
-def prepare_out_dir(out_dir, overwrite):
+def prepare_out_dir(out_dir, overwrite, suffix=""):
     """Create the run folder; a default one is new per run, so no run overwrites another."""
     if out_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + suffix
         out_dir, n = Path("runs") / stamp, 1
         while out_dir.exists():
             n += 1
@@ -758,13 +917,17 @@ def load_trained_model(path):
     return model
 
 
-def prepare_image(path):
-    """Any PNG or JPEG -> uint8 28x28 like the training images: grey, a light object on a
-    dark background, trimmed to the object, aspect kept, centred."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def open_picture(path):
+    """A PNG or JPEG as an upright RGB image (EXIF rotation honoured), or one clear error."""
     import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if path.is_dir():
+        raise UserError(f"{path}: a folder with no PNG or JPEG images in it")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat any bomb as an error.
@@ -772,7 +935,11 @@ def prepare_image(path):
             with Image.open(path) as image:
                 if image.format not in ("PNG", "JPEG"):
                     raise UserError(f"{path}: a {image.format} image, expected PNG or JPEG")
-                grey = ImageOps.exif_transpose(image).convert("L")
+                upright = ImageOps.exif_transpose(image)
+                if upright.has_transparency_data:  # a cut-out: put it on white, not black
+                    white = Image.new("RGBA", upright.size, "white")
+                    return Image.alpha_composite(white, upright.convert("RGBA")).convert("RGB")
+                return upright.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
     except UnidentifiedImageError:
@@ -781,14 +948,52 @@ def prepare_image(path):
         raise UserError(f"{path}: too many pixels to be a photo (Pillow's safety limit)") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{path}: damaged image ({error})") from None
-    pixels = np.asarray(grey)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if border.mean() > 127:  # a light background, as in product photos
-        grey = ImageOps.invert(grey)
-    box = grey.point(lambda v: 255 if v > 30 else 0).getbbox()  # the object, noise ignored
+
+
+def prepare_image(path):
+    """A product photo -> uint8 28x28 as Fashion-MNIST's images were made from Zalando's: the
+    item trimmed from its background, its longest edge resized to 28, sharpened, centred on
+    28x28, negated to light on dark, grey. What photos add: the background is whatever colour
+    the border has (light, dark or coloured), each pixel's value is its distance from that
+    colour less the background's own noise, and the item's contrast is stretched to 0-255."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    picture = open_picture(path)
+    picture.thumbnail((256, 256), Image.Resampling.BOX)  # averages away sensor noise, too
+    pixels = np.asarray(picture, np.float32)
+    edges = [pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:]]
+    border = np.concatenate([edge.reshape(-1, 3) for edge in edges])
+    background = np.median(border, axis=0)
+    # Distance from the background colour: for a dark item on white, exactly the negative.
+    distance = np.linalg.norm(pixels - background, axis=-1) / np.sqrt(3)
+    # The background's own noise, from the border's median distance (robust to an item that
+    # touches the border); for Gaussian noise, 2.5x the median is about its 99th percentile.
+    noise = 2.5 * np.median(np.linalg.norm(border - background, axis=-1) / np.sqrt(3))
+    item = np.clip(distance - noise, 0, None)
+    grey = Image.fromarray(np.clip(item, 0, 255).astype(np.uint8))
+    # Trimmed where the item stands out by 5% of full intensity, as Fashion-MNIST's were.
+    box = grey.filter(ImageFilter.MedianFilter(3)).point(lambda v: 255 if v > 13 else 0).getbbox()
     if box:
         grey = grey.crop(box)
-    return np.asarray(ImageOps.pad(grey, (28, 28), Image.Resampling.LANCZOS, color=0))
+    grey = ImageOps.contain(grey, (28, 28), Image.Resampling.LANCZOS)
+    grey = grey.filter(ImageFilter.UnsharpMask(radius=1, percent=100, threshold=0))
+    top = max(float(np.percentile(np.asarray(grey), 99.5)), 1.0)
+    grey = grey.point(lambda v: min(255, round(v * 255 / top)))
+    return np.asarray(ImageOps.pad(grey, (28, 28), color=0))
+
+
+def find_images(paths):
+    """The images named, each folder replaced by every PNG and JPEG under it, sorted; a folder
+    with none stays, to be reported."""
+    found = []
+    for path in paths:
+        inside = []
+        if path.is_dir():
+            inside = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
+        found += inside or [path]
+    return found
 
 
 def predict_images(model, paths):
@@ -812,6 +1017,122 @@ def predict_images(model, paths):
     return results
 
 
+def save_predictions_csv(results, path):
+    """One row per image, for a catalogue: path, class, probability, the top three, any error."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path", "class", "probability", "top3", "error"])
+    for result in results:
+        top = result.get("top3", [])
+        writer.writerow([
+            result["image"],
+            top[0]["class"] if top else "",
+            f"{top[0]['probability']:.4f}" if top else "",
+            "; ".join(f"{c['class']} {c['probability']:.1%}" for c in top),
+            result.get("error", ""),
+        ])  # fmt: skip
+    with atomic_path(path) as temporary:
+        temporary.write_text(text.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tune: adapt the model to your own labelled photos
+
+
+def class_key(name):
+    """A class or folder name without case, spaces or punctuation: "T-shirt/top" -> "tshirttop"."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def find_labelled_photos(folder):
+    """(path, class index) of every photo in FOLDER's class subfolders, sorted; anything that
+    could mislabel or silently drop a photo is refused with one line."""
+    if not folder.is_dir():
+        problem = "not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"{folder}: {problem}")
+    classes = {class_key(name): index for index, name in enumerate(CLASS_NAMES)}
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    loose = [p for p in entries if p.is_file()]
+    if loose:
+        raise UserError(f"{loose[0]}: a file outside the class subfolders has no label")
+    if not entries:
+        raise UserError(
+            f"{folder}: no class subfolders; put each class's photos in a subfolder named after "
+            f"it, e.g. {folder / 'sneaker'}"
+        )
+    photos = []
+    for subfolder in entries:
+        if class_key(subfolder.name) not in classes:
+            raise UserError(
+                f"{subfolder}: names no class; the class folders are (case, spaces and "
+                f"punctuation ignored): {', '.join(CLASS_NAMES)}"
+            )
+        files = sorted(
+            p for p in subfolder.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+        others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if others:
+            raise UserError(
+                f"{others[0]}: not a PNG or JPEG; fine-tuning refuses it rather than skip it "
+                "(move it out of the class folders)"
+            )
+        if not files:
+            raise UserError(f"{subfolder}: no PNG or JPEG photos in this class folder")
+        photos += [(path, classes[class_key(subfolder.name)]) for path in files]
+    return photos
+
+
+def hold_out_photos(labels, holdout, seed):
+    """Indices to fine-tune on and to measure on: each class's share held out, fixed by the
+    seed, at least one photo of each class on each side."""
+    rng = np.random.default_rng(seed)
+    tune, held_out = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) < 2:
+            raise UserError(
+                f"too few photos for the hold-out: {CLASS_NAMES[label]} has "
+                f"{len(members)}; each class folder needs 2 or more (more than 10 to learn much)"
+            )
+        n_held = min(max(1, round(len(members) * holdout)), len(members) - 1)
+        held_out += members[:n_held].tolist()
+        tune += members[n_held:].tolist()
+    return np.array(sorted(tune)), np.array(sorted(held_out))
+
+
+def photo_accuracy(model, images, labels):
+    """Accuracy overall and per class present, and the confusion matrix, on prepared photos."""
+    predicted = model.predict(scale_pixels(images), verbose=0).argmax(axis=1)
+    confusion = confusion_matrix(labels, predicted)
+    per_class = {
+        CLASS_NAMES[c]: round(float(confusion[c, c] / confusion[c].sum()), 4)
+        for c in range(10)
+        if confusion[c].sum()
+    }
+    return {
+        "accuracy": float(np.mean(predicted == labels)),
+        "per_class": per_class,
+        "confusion": confusion,
+    }
+
+
+def finetune(model, images, labels, epochs, learning_rate, out_dir):
+    """Train the whole model a little further on the photos, gently (a tenth of Adam's usual
+    rate), so that tens of photos a class adjust it without undoing what it learned.
+    Returns what train() returns."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return train(model, batches(images, labels, BATCH_SIZE, shuffle=True), None, epochs, out_dir)
+
+
 # ----------------------------------------------------------------------------------------------
 # Main
 
@@ -823,6 +1144,7 @@ def start_tensorflow_quietly():
     the only way to hide them is to point stderr elsewhere meanwhile. If that fails, what it
     wrote is shown after all. TF_CPP_MIN_LOG_LEVEL=0 shows everything.
     """
+    choose_onednn(cpu_info()[1])
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
         import keras
 
@@ -860,24 +1182,24 @@ def run_training(args):
 
         matplotlib.use("Agg")  # no window: works on servers and in CI
 
-    split = not args.no_split and can_split_batches(
-        args.arch, args.augment, args.batch_size, len(fit), len(held_out)
-    )
-    if split:
-        share_cores_between_halves()
     keras = start_tensorflow_quietly()
+    compute = choose_compute(
+        args, len(fit), len(held_out), find_gpus(), cpu_info(), cpu_cores(), onednn_setting()
+    )
+    apply_threads(compute["threads"])
     keras.utils.set_random_seed(args.seed)  # Python, NumPy and TensorFlow in one go
-    precision = choose_precision(args.precision)
+    precision, split = compute["precision"], compute["split_batches"]
     model = build_model(precision, args.arch, args.augment)
     model.summary()
     print(
         f"Training on {len(fit):,} images, validating on {len(held_out):,}, "
-        f"testing on {len(x_test):,} ({precision}{', batches in halves' if split else ''})"
+        f"testing on {len(x_test):,}\nOn {compute['device']}: {precision}, "
+        f"{'batches in halves' if split else 'whole batches'}, oneDNN {compute['onednn']}"
     )
 
     x_train = keras.ops.convert_to_tensor(x_train)  # one copy, shared by both pipelines
     start = time.perf_counter()
-    history, interrupted, epochs_completed = train(
+    history, stop_signal, epochs_completed = train(
         in_halves(model) if split else model,
         batches(x_train, y_train, args.batch_size, fit, shuffle=True, halves=split),
         batches(x_train, y_train, EVAL_BATCH_SIZE, held_out, halves=split),
@@ -898,16 +1220,17 @@ def run_training(args):
         key: results[key] for key in ("test_accuracy", "test_loss", "per_class_accuracy")
     } | {
         "epochs_completed": epochs_completed,
-        "interrupted": interrupted,
+        "interrupted": stop_signal is not None,
         "train_seconds": round(train_seconds, 1),
         "history": history,
         "config": vars(args)
         | {"precision": precision, "split_batches": split, "keras": keras.__version__},
+        "compute": compute,
     }
     save_json(metrics, out_dir / "metrics.json")
     print(f"\nSaved model.keras, metrics.json, history.csv and figures to {out_dir}/")
-    if interrupted:
-        return 130  # the shell's code for "stopped by Ctrl-C"
+    if stop_signal:
+        return 128 + stop_signal  # the shell's code: 130 for Ctrl-C, 143 for SIGTERM
     if show:
         import matplotlib.pyplot as plt
 
@@ -918,7 +1241,9 @@ def run_training(args):
 def run_predict(args):
     start_tensorflow_quietly()
     model = load_trained_model(args.model)
-    results = predict_images(model, args.images)
+    results = predict_images(model, find_images(args.paths))
+    if args.csv:
+        save_predictions_csv(results, args.csv)
     if args.json:
         print(json.dumps(results, indent=2))
     for result in results:
@@ -930,11 +1255,59 @@ def run_predict(args):
     return 1 if any("error" in result for result in results) else 0
 
 
+def run_finetune(args):
+    """photos -> hold-out -> accuracy before -> fine-tune -> accuracy after -> save."""
+    photos = find_labelled_photos(args.folder)
+    images = np.stack([prepare_image(path) for path, _ in photos])  # a bad photo stops us here
+    labels = np.array([label for _, label in photos])
+    tune, held_out = hold_out_photos(labels, args.holdout, args.seed)
+    keras = start_tensorflow_quietly()
+    model = load_trained_model(args.model)
+    out_dir = prepare_out_dir(args.out_dir, args.overwrite, suffix="-finetune")
+    import matplotlib
+
+    matplotlib.use("Agg")  # the confusion matrix is saved, never shown
+    keras.utils.set_random_seed(args.seed)
+    print(
+        f"Fine-tuning on {len(tune)} photos, measuring on {len(held_out)} held out, "
+        f"{len(np.unique(labels))} classes"
+    )
+    before = photo_accuracy(model, images[held_out], labels[held_out])
+    print(f"Accuracy on the held-out photos before: {before['accuracy']:.4f}")
+    history, stop_signal, epochs_completed = finetune(
+        model, images[tune], labels[tune], args.epochs, args.learning_rate, out_dir
+    )
+    after = photo_accuracy(model, images[held_out], labels[held_out])
+    print(f"Accuracy on the held-out photos after:  {after['accuracy']:.4f}")
+
+    with atomic_path(out_dir / "confusion_matrix.png") as temporary:
+        plot_confusion_matrix(after["confusion"]).savefig(temporary, dpi=100)
+    with atomic_path(out_dir / "model.keras") as temporary:
+        model.save(temporary)
+    counts = np.bincount(labels, minlength=10)
+    metrics = {
+        "before": {key: before[key] for key in ("accuracy", "per_class")},
+        "after": {key: after[key] for key in ("accuracy", "per_class")},
+        "photos": {CLASS_NAMES[c]: int(counts[c]) for c in range(10) if counts[c]},
+        "photos_tuned_on": len(tune),
+        "photos_held_out": len(held_out),
+        "epochs_completed": epochs_completed,
+        "interrupted": stop_signal is not None,
+        "history": history,
+        "config": vars(args) | {"keras": keras.__version__},
+    }
+    save_json(metrics, out_dir / "metrics.json")
+    print(f"\nSaved model.keras, metrics.json, history.csv and confusion_matrix.png to {out_dir}/")
+    return 128 + stop_signal if stop_signal else 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["predict"]:
             return run_predict(parse_predict_args(argv[1:]))
+        if argv[:1] == ["finetune"]:
+            return run_finetune(parse_finetune_args(argv[1:]))
         return run_training(parse_train_args(argv))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

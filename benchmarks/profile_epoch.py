@@ -31,16 +31,18 @@ def main():
         sys.exit("profile_epoch.py needs xprof to read the profile: pip install xprof")
 
     (x_train, y_train), _ = fm.load_fashion_mnist(args.data_dir)
-    split = not args.no_split and fm.can_split_batches(
-        "seed", False, fm.BATCH_SIZE, len(x_train), n_held_out=0
-    )
-    if split:
-        fm.share_cores_between_halves()
     keras = fm.start_tensorflow_quietly()
     import tensorflow as tf
 
+    # The program's own choices for these options, on this machine.
+    options = fm.parse_train_args(["--precision", args.precision] + ["--no-split"] * args.no_split)
+    compute = fm.choose_compute(
+        options, len(x_train), 0, fm.find_gpus(), fm.cpu_info(), fm.cpu_cores(), fm.onednn_setting()
+    )
+    fm.apply_threads(compute["threads"])
+    print(compute)
     keras.utils.set_random_seed(0)
-    precision = fm.choose_precision(args.precision)
+    precision, split = compute["precision"], compute["split_batches"]
     model = fm.build_model(precision)
     model = fm.in_halves(model) if split else model
     data = fm.batches(x_train, y_train, fm.BATCH_SIZE, shuffle=True, halves=split)

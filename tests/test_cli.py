@@ -299,7 +299,8 @@ def test_same_seed_same_numbers(data_dir, tmp_path):
     assert metrics[0]["test_loss"] == metrics[1]["test_loss"]
 
 
-def test_ctrl_c_saves_what_was_learned(tmp_path):
+@pytest.mark.parametrize("stop_signal, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_what_was_learned(tmp_path, stop_signal, code):
     data = make_dataset(tmp_path / "data", n_train=3000, n_test=100)
     out = tmp_path / "out"
     process = subprocess.Popen(
@@ -325,9 +326,9 @@ def test_ctrl_c_saves_what_was_learned(tmp_path):
         if line.startswith("Epoch 2/200"):
             break
     time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert "Traceback" not in stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] is True

@@ -44,10 +44,71 @@ def test_the_classic_model_whatever_the_precision(precision):
     assert keras.config.dtype_policy().name == "float32"
 
 
-def test_choose_precision():
-    assert fm.choose_precision("float32") == "float32"
-    assert fm.choose_precision("bfloat16") == "bfloat16"
-    assert fm.choose_precision("auto") == ("bfloat16" if fm.native_bf16() else "float32")
+AVX2 = ("AMD Ryzen", {"avx2", "fma"})
+BF16 = ("AMD EPYC", {"avx2", "fma", "avx512f", "avx512_bf16"})
+H100 = [{"name": "NVIDIA H100", "compute_capability": (9, 0)}]
+T4 = [{"name": "Tesla T4", "compute_capability": (7, 5)}]
+
+
+def choose(*argv, gpus=(), cpu=AVX2, cores=2, n_fit=48_000, n_held_out=12_000):
+    args = fm.parse_train_args(list(argv))
+    return fm.choose_compute(args, n_fit, n_held_out, list(gpus), cpu, cores, "on")
+
+
+def test_cpu_choices_follow_the_cpu_class():
+    avx2, bf16 = choose(), choose(cpu=BF16)
+    assert avx2["precision"] == "float32" and bf16["precision"] == "bfloat16"
+    assert avx2["split_batches"] and bf16["split_batches"]
+    assert avx2["threads"] == {"intra_op": 1, "inter_op": 2}
+    assert "AVX2" in avx2["device"] and "AVX-512 with bf16" in bf16["device"]
+    assert "no native bf16" in avx2["why"]["precision"]
+
+
+def test_gpu_choices_whole_batches_own_threads_bf16_only_where_native():
+    h100, t4 = choose(gpus=H100, cpu=BF16), choose(gpus=T4, cpu=BF16)
+    assert h100["device"] == "GPU (NVIDIA H100)" and h100["precision"] == "bfloat16"
+    assert t4["precision"] == "float32"  # 7.5: no native bf16, whatever the CPU has
+    assert "7.5" in t4["why"]["precision"]
+    for gpu in (h100, t4):
+        assert gpu["split_batches"] is False and gpu["threads"] is None
+    assert choose("--precision", "bfloat16", gpus=T4)["precision"] == "bfloat16"  # as asked
+
+
+def test_halves_only_where_measured_and_results_stay_the_same():
+    assert choose()["split_batches"]
+    for argv, kwargs, reason in [
+        (["--no-split"], {}, "--no-split"),
+        ([], {"cores": 1}, "1 core"),
+        ([], {"cores": 16}, "16 core"),  # unmeasured: TensorFlow's own threading
+        (["--arch", "improved"], {}, "BatchNorm"),
+        (["--augment"], {}, "own shifts"),
+        (["--batch-size", "1"], {}, "one image"),
+        ([], {"n_fit": 48_001}, "a batch of one"),
+        ([], {"n_held_out": 12_033}, "a batch of one"),  # 12_033 % 256 == 1
+    ]:
+        chosen = choose(*argv, **kwargs)
+        assert chosen["split_batches"] is False and chosen["threads"] is None, argv
+        assert reason in chosen["why"]["split_batches"], chosen["why"]
+
+
+def test_onednn_cap_makes_an_avx512_cpu_choose_as_avx2(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    _, flags = fm.cpu_info()
+    assert not any(flag.startswith(("avx512", "amx")) for flag in flags)
+    assert fm.cpu_class(flags) in ("AVX2", "older than AVX2")
+
+
+def test_onednn_turned_on_for_avx2_unless_the_user_says(monkeypatch):
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "")  # so that monkeypatch restores it after
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    fm.choose_onednn({"avx2"})
+    assert fm.onednn_setting() == "on"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    fm.choose_onednn({"avx2"})
+    assert fm.onednn_setting() == "off"
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    fm.choose_onednn({"sse4_2"})  # older CPUs: TensorFlow's default
+    assert fm.onednn_setting() == "TF's default"
 
 
 def test_pipeline_batches_scaled_float32_with_a_channel():
@@ -89,18 +150,6 @@ def test_pipeline_halves_are_the_batch_cut_in_two():
     for ((first, second), y_halves), (x, y) in zip(halves, whole):
         assert np.array_equal(np.concatenate([first, second]), x)
         assert np.array_equal(y_halves, y)
-
-
-def test_can_split_batches_only_where_results_stay_the_same(monkeypatch):
-    monkeypatch.setattr(fm, "cpu_cores", lambda: 2)
-    assert fm.can_split_batches("seed", False, 32, 48_000, 12_000)
-    assert not fm.can_split_batches("improved", False, 32, 48_000, 12_000)  # BatchNorm
-    assert not fm.can_split_batches("seed", True, 32, 48_000, 12_000)  # halves' own random draws
-    assert not fm.can_split_batches("seed", False, 1, 48_000, 12_000)
-    assert not fm.can_split_batches("seed", False, 32, 48_001, 12_000)  # a last batch of one image
-    assert not fm.can_split_batches("seed", False, 32, 48_000, 12_033)  # 12_033 % 256 == 1
-    monkeypatch.setattr(fm, "cpu_cores", lambda: 1)
-    assert not fm.can_split_batches("seed", False, 32, 48_000, 12_000)
 
 
 def test_halves_give_the_whole_batch_loss_and_gradients():

@@ -5,7 +5,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import SHARED, assert_clean_failure, distinct_images, run_program
+from conftest import SHARED, assert_clean_failure, run_program
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -28,11 +28,34 @@ def train_model(x_train, y_train, epochs, path):
     return path
 
 
+def framed_items(labels, seed=0):
+    """Items whose class survives predict's trimming: an outline 2 px in from the edge around
+    1 to 5 bars, across for classes 0-4, down for 5-9, of varying brightness."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((len(labels), 28, 28), np.uint8)
+    for image, label in zip(images, labels):
+        image[2:26, 2:26], image[3:25, 3:25] = 255, 0
+        bars = label % 5 + 1
+        for n in range(bars):
+            at = 4 + n * 19 // bars
+            if label < 5:
+                image[at : at + 2, 5:23] = rng.integers(150, 256)
+            else:
+                image[5:23, at : at + 2] = rng.integers(150, 256)
+    return images
+
+
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
+    """A model trained on items as predict prepares them, as a real one is on Fashion-MNIST."""
     labels = np.random.default_rng(0).integers(0, 10, 1200)
+    folder = tmp_path_factory.mktemp("items")
+    prepared = []
+    for n, image in enumerate(framed_items(labels, seed=1)):
+        Image.fromarray(image).save(folder / f"{n}.png")
+        prepared.append(fm.prepare_image(folder / f"{n}.png"))
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    return train_model(distinct_images(labels, seed=1), labels, 3, path)
+    return train_model(np.stack(prepared), labels, 3, path)
 
 
 def as_picture_files(image, folder, stem):
@@ -54,7 +77,7 @@ def predict_json(capsys, *args):
 
 def test_small_grey_and_large_light_rgb_of_one_item_agree(model_path, tmp_path, capsys):
     labels = np.arange(10)
-    images = distinct_images(labels, seed=5)
+    images = framed_items(labels, seed=5)
     files = []
     for label, image in zip(labels, images):
         files += as_picture_files(image, tmp_path, f"item{label}")
@@ -94,14 +117,14 @@ def test_prepare_image_makes_a_centred_light_on_dark_28x28(tmp_path):
 
 
 def test_prints_top_three_per_image(model_path, tmp_path, capsys):
-    small, _ = as_picture_files(distinct_images(np.array([3]))[0], tmp_path, "x")
+    small, _ = as_picture_files(framed_items(np.array([3]))[0], tmp_path, "x")
     assert fm.main(["predict", str(model_path), str(small)]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{small}: ") and line.count("%") == 3
 
 
 def test_json_has_three_probabilities_per_image(model_path, tmp_path, capsys):
-    small, big = as_picture_files(distinct_images(np.array([7]))[0], tmp_path, "x")
+    small, big = as_picture_files(framed_items(np.array([7]))[0], tmp_path, "x")
     code, results, _ = predict_json(capsys, model_path, small, big)
     assert code == 0 and [r["image"] for r in results] == [str(small), str(big)]
     for result in results:
@@ -139,7 +162,7 @@ def test_bad_images_are_reported_and_the_rest_still_classified(model_path, tmp_p
     expected = bad_images(tmp_path)
     png_claiming_size(tmp_path / "bomb.png", 30_000, 30_000)  # past 2x Pillow's limit: error
     png_claiming_size(tmp_path / "half-bomb.png", 10_000, 10_000)  # past 1x: only a warning
-    good, _ = as_picture_files(distinct_images(np.array([1]))[0], tmp_path, "good")
+    good, _ = as_picture_files(framed_items(np.array([1]))[0], tmp_path, "good")
     names = [
         "missing.png",
         "notes.png",
@@ -184,14 +207,14 @@ def save_model(path, input_shape, classes, lambda_layer=False):
     ],
 )
 def test_unusable_models_are_refused(tmp_path, capsys, make, message):
-    good, _ = as_picture_files(distinct_images(np.array([1]))[0], tmp_path, "good")
+    good, _ = as_picture_files(framed_items(np.array([1]))[0], tmp_path, "good")
     assert fm.main(["predict", str(make(tmp_path)), str(good)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0].lower(), err
 
 
 def test_predict_as_a_command(model_path, tmp_path):
-    small, _ = as_picture_files(distinct_images(np.array([2]))[0], tmp_path, "x")
+    small, _ = as_picture_files(framed_items(np.array([2]))[0], tmp_path, "x")
     result = run_program("predict", model_path, small)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.startswith(f"{small}: ")

@@ -1,0 +1,229 @@
+"""Your own products: folders of photos, predictions to CSV, fine-tuning on labelled photos."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import PROGRAM, assert_clean_failure, distinct_images, run_program
+from PIL import Image
+
+import fashion_mnist_cnn as fm
+
+keras = fm.start_tensorflow_quietly()
+
+
+def write_photo(path, image, background=(235, 230, 225), item=(150, 30, 40), size=140):
+    """A 28x28 item (light on dark) as a coloured product photo on a coloured background."""
+    darkness = np.asarray(Image.fromarray(image).resize((size, size)), np.float32)[..., None] / 255
+    canvas = np.ones((size + 40, size + 60, 3), np.float32) * background
+    patch = canvas[20 : 20 + size, 30 : 30 + size]
+    canvas[20 : 20 + size, 30 : 30 + size] = patch * (1 - darkness) + np.array(item) * darkness
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas.astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def photo_folder(folder, per_class, classes=range(10), seed=0, relabel=0):
+    """FOLDER/<class name>/NN.jpg: per_class photos of each class, of generated items. With
+    relabel, each class's photos show the item the model knows as class + relabel: products
+    that look unlike what the model learned, which only fine-tuning can teach it."""
+    labels = np.repeat(list(classes), per_class)
+    items = distinct_images((labels + relabel) % 10, seed=seed)
+    for n, (label, image) in enumerate(zip(labels, items)):
+        write_photo(folder / fm.CLASS_NAMES[label].replace("/", "-") / f"{n:03d}.jpg", image)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("T-shirt-top", "T-shirt/top"),
+        ("t_shirt_top", "T-shirt/top"),
+        ("tshirt top", "T-shirt/top"),
+        ("ankle boot", "Ankle boot"),
+        ("ANKLE_BOOT", "Ankle boot"),
+        ("Sneaker", "Sneaker"),
+    ],
+)
+def test_class_folders_match_ignoring_case_spaces_and_punctuation(tmp_path, name, expected):
+    (tmp_path / name).mkdir()
+    write_photo(tmp_path / name / "a.jpg", distinct_images(np.array([0]))[0])
+    [(_, label)] = fm.find_labelled_photos(tmp_path)
+    assert fm.CLASS_NAMES[label] == expected
+
+
+def test_preparation_removes_any_background_and_stretches_the_item(tmp_path):
+    image = np.zeros((28, 28), np.uint8)
+    image[4:24, 10:18] = 230  # a tall item
+    image[8:12, 12:16] = 90  # with a lighter patch (in the photo), which must keep its shade
+    prepared = []
+    for background, item in [((240, 240, 240), (60, 60, 60)), ((20, 20, 30), (200, 190, 170)),
+                             ((40, 120, 200), (230, 200, 40))]:  # fmt: skip
+        prepared.append(fm.prepare_image(write_photo(tmp_path / "p.jpg", image, background, item)))
+    for result in prepared:
+        assert result.shape == (28, 28) and result.dtype == np.uint8
+        assert result.max() >= 250  # contrast stretched to the full range
+        assert np.median(result[:, :2]) == 0 and np.median(result[:, -2:]) == 0  # background
+        assert result[7:10, 12:16].mean() < result[18:24, 12:16].mean() - 60
+    # Whatever the colours, the same item comes out alike.
+    a, b, c = (p.astype(float) / 255 for p in prepared)
+    assert np.abs(a - b).mean() < 0.08 and np.abs(a - c).mean() < 0.08
+
+
+def test_transparent_cutout_is_seen_on_white(tmp_path):
+    cutout = np.zeros((120, 120, 4), np.uint8)  # transparent, black underneath
+    cutout[20:100, 20:60] = (40, 40, 40, 255)  # a dark half
+    cutout[20:100, 60:100] = (200, 200, 200, 255)  # a light half
+    Image.fromarray(cutout, "RGBA").save(tmp_path / "c.png")
+    prepared = fm.prepare_image(tmp_path / "c.png").astype(int)
+    # On white, as a product shot: the dark half stands out most, as in Fashion-MNIST.
+    assert prepared[6:22, 4:12].mean() > prepared[6:22, 16:24].mean() + 50
+
+
+def test_exif_rotation_is_honoured(tmp_path):
+    upright = np.full((200, 100, 3), 240, np.uint8)
+    upright[20:180, 40:60] = 30  # a tall dark bar
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / "s.jpg", exif=exif
+    )
+    rows, cols = np.nonzero(fm.prepare_image(tmp_path / "s.jpg") > 128)
+    assert rows.max() - rows.min() > 2 * (cols.max() - cols.min())  # tall, as meant
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A model that knows the generated items as 28x28 images, but has never seen a photo."""
+    labels = np.random.default_rng(0).integers(0, 10, 1200)
+    keras.utils.set_random_seed(0)
+    model = fm.build_model("float32")
+    fm.train(
+        model,
+        fm.batches(distinct_images(labels, seed=1), labels, 32, shuffle=True),
+        None,
+        3,
+        tmp_path_factory.mktemp("log"),
+    )
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    model.save(path)
+    return path
+
+
+def test_predict_takes_folders_recursively_in_sorted_order_and_writes_csv(model_path, tmp_path):
+    photos = photo_folder(tmp_path / "photos", per_class=1, classes=[1, 7])
+    (tmp_path / "photos" / "notes.txt").write_text("not an image: not picked up from a folder")
+    (tmp_path / "empty").mkdir()
+    table = tmp_path / "out.csv"
+    result = run_program("predict", model_path, photos, tmp_path / "empty", "--csv", table)
+    expected = sorted(str(p) for p in photos.rglob("*.jpg"))
+    assert result.returncode == 1  # the empty folder is reported
+    assert [line.split(": ")[0] for line in result.stdout.splitlines()] == expected
+    empty = f"error: {tmp_path / 'empty'}: a folder with no PNG or JPEG images in it"
+    assert result.stderr.strip() == empty
+    rows = list(csv.DictReader(table.open()))
+    assert [r["path"] for r in rows] == [*expected, str(tmp_path / "empty")]
+    for row in rows[:2]:
+        assert row["class"] in fm.CLASS_NAMES and 0 < float(row["probability"]) <= 1
+        assert row["top3"].count("%") == 3 and row["error"] == ""
+    assert rows[2]["class"] == "" and "no PNG or JPEG" in rows[2]["error"]
+
+
+def test_finetune_learns_from_a_few_photos_and_predict_uses_it(model_path, tmp_path):
+    photos = photo_folder(tmp_path / "photos", per_class=12, relabel=3)
+    out = tmp_path / "tuned"
+    result = run_program(
+        "finetune", model_path, photos, "--epochs", "40", "--learning-rate", "0.003",
+        "--out-dir", out, "--seed", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["photos_held_out"] == 20 and metrics["photos_tuned_on"] == 100  # 12 x 0.2
+    assert metrics["photos"] == {name: 12 for name in fm.CLASS_NAMES}
+    assert metrics["before"]["accuracy"] <= 0.2  # the model knew these items as other classes
+    assert metrics["after"]["accuracy"] >= 0.7, metrics  # chance is 0.1
+    assert set(metrics["after"]["per_class"]) == set(fm.CLASS_NAMES)
+    assert {"model.keras", "metrics.json", "history.csv", "confusion_matrix.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    tuned = run_program("predict", out / "model.keras", photos / "Bag")
+    assert tuned.returncode == 0 and tuned.stdout.count("\n") == 12, tuned.stderr
+
+
+def test_finetune_holds_out_the_same_photos_for_the_same_seed():
+    labels = np.repeat(np.arange(3), [5, 10, 2])
+    tune, held = fm.hold_out_photos(labels, 0.2, seed=3)
+    again, held_again = fm.hold_out_photos(labels, 0.2, seed=3)
+    assert (tune == again).all() and (held == held_again).all()
+    assert sorted([*tune, *held]) == list(range(17))
+    assert [int((labels[held] == c).sum()) for c in range(3)] == [1, 2, 1]
+
+
+def bad_photo_folders(root):
+    """Each bad input for finetune: a folder and the words its one line must hold."""
+    image = distinct_images(np.array([0]))[0]
+    cases = {}
+
+    def case(name, message):
+        cases[name] = (root / name, message)
+        return root / name
+
+    case("none", "no class subfolders").mkdir(parents=True)
+    write_photo(case("unknown", "names no class") / "Hats" / "a.jpg", image)
+    write_photo(case("unknown", "Ankle boot") / "Bag" / "a.jpg", image)
+    write_photo(case("empty", "no png or jpeg photos") / "Bag" / "a.jpg", image)
+    (root / "empty" / "Coat").mkdir()
+    write_photo(case("text", "refuses it rather than skip") / "Bag" / "a.jpg", image)
+    (root / "text" / "Bag" / "b.txt").write_text("notes")
+    write_photo(case("damaged", "damaged image") / "Bag" / "a.jpg", image)
+    (root / "damaged" / "Bag" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    for n in range(3):
+        write_photo(case("few", "too few photos for the hold-out") / "Bag" / f"{n}.jpg", image)
+    write_photo(root / "few" / "Coat" / "a.jpg", image)
+    write_photo(case("loose", "has no label") / "Bag" / "a.jpg", image)
+    write_photo(root / "loose" / "stray.jpg", image)
+    return cases
+
+
+def test_finetune_bad_input_one_line_nothing_written(model_path, tmp_path):
+    for name, (folder, message) in bad_photo_folders(tmp_path / "bad").items():
+        out = tmp_path / f"out-{name}"
+        assert_clean_failure(run_program("finetune", model_path, folder, "--out-dir", out), message)
+        assert not out.exists(), name
+    photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
+    rgb = tmp_path / "rgb.keras"
+    layers = [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    keras.Sequential(layers).save(rgb)
+    out = tmp_path / "out-model"
+    assert_clean_failure(run_program("finetune", rgb, photos, "--out-dir", out), "not a 28x28x1")
+    assert not out.exists()
+    nowhere = run_program("finetune", model_path, tmp_path / "nowhere")
+    assert_clean_failure(nowhere, "no such folder")
+
+
+def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
+    photos = photo_folder(tmp_path / "photos", per_class=30)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(PROGRAM), "finetune", str(model_path), str(photos),
+         "--epochs", "100000", "--out-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    for line in process.stdout:  # training has begun once an epoch is done
+        if line.startswith("Epoch 2/"):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr and "after:" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and 1 <= metrics["epochs_completed"] < 100000
+    assert fm.load_trained_model(out / "model.keras").count_params() == 93_322
