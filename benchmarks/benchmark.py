@@ -27,6 +27,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROGRAM = HERE.parent / "fashion_mnist_cnn.py"
+sys.path.insert(0, str(HERE.parent))
+import fashion_mnist_cnn as fm  # noqa: E402  (no TensorFlow: only its CPU and IDX helpers)
+
+# Multiply-adds of the classic model's forward pass for one image: output positions x filters
+# x kernel size x input channels (conv), inputs x units (dense).
+FORWARD_MACS = {
+    "conv1": 26 * 26 * 32 * 3 * 3 * 1,
+    "conv2": 11 * 11 * 64 * 3 * 3 * 32,
+    "conv3": 3 * 3 * 64 * 3 * 3 * 64,
+    "dense1": 576 * 64,
+    "dense2": 64 * 10,
+}
+# A training step does each three times (forward, input gradient, kernel gradient), less the
+# gradient of the input image, which nothing needs: 8.2 M multiply-adds an image.
+TRAIN_MACS = 3 * sum(FORWARD_MACS.values()) - FORWARD_MACS["conv1"]
 
 # The recipe as it is usually written (TensorFlow's and Keras' tutorials): float64 pixels from
 # `x / 255.0`, the same layers, default compile and fit with validation_split.
@@ -61,6 +76,44 @@ print("RESULT", json.dumps({"test_accuracy": test_accuracy, "fit_seconds": fit_s
 """
 
 
+def fit_flop_per_epoch(data_dir, validation_split=fm.VALIDATION_SPLIT):
+    """Floating-point operations of one epoch of fit: training plus the validation pass."""
+    paths = fm.find_data_files(Path(data_dir))
+    n = len(fm.read_idx(paths["train-labels-idx1-ubyte.gz"], fm.IDX_LABELS))
+    n_fit = int(n * (1 - validation_split))
+    return 2 * (n_fit * TRAIN_MACS + (n - n_fit) * sum(FORWARD_MACS.values()))
+
+
+def describe_cpu():
+    """The CPU class and its fp32 peak in GFLOP/s, with the formula it is taken from.
+
+    Peak = cores x clock x FLOP a cycle. FLOP a cycle, float32: two FMA units of 256 bits
+    (8 lanes x 2 FLOP each) on AVX2 CPUs and on AMD's AVX-512 ones (Zen 4 splits 512-bit
+    instructions in two), two of 512 bits on Intel's AVX-512 ones. The clock is the one
+    /proc/cpuinfo reports (a VM's is often the nominal one), so the share is an estimate.
+    """
+    name, flags = fm.cpu_info()
+    cores = fm.cpu_cores()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        mhz = float(info.split("cpu MHz")[1].split(":")[1].split()[0])
+        vendor = info.split("vendor_id")[1].split(":")[1].split()[0]
+    except (OSError, IndexError, ValueError):
+        mhz, vendor = 0.0, "unknown"
+    wide = "avx512f" in flags and vendor == "GenuineIntel"
+    per_cycle = 64 if wide else 32 if "fma" in flags else 16
+    peak = cores * mhz / 1000 * per_cycle
+    features = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    text = (
+        f"CPU: {name} ({vendor}), class {fm.cpu_class(flags)}, flags {' '.join(features)}, "
+        f"{cores} cores; fp32 peak {peak:.0f} GFLOP/s = {cores} cores x {mhz / 1000:.2f} GHz "
+        f"x {per_cycle} FLOP/cycle (2 FMA units x {per_cycle // 4} lanes x 2)"
+    )
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        text += f"; ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
+    return text, peak
+
+
 def run_measured(command, env):
     """Run a command; return its stdout, wall seconds, CPU seconds and peak RSS in MiB."""
     start = time.perf_counter()
@@ -84,6 +137,8 @@ def run_plain(data_dir, seed, epochs, scratch):
         if not (cache / name).exists():
             (cache / name).symlink_to(Path(data_dir).resolve() / name)
     env = dict(os.environ, KERAS_HOME=str(scratch / "keras_home"))
+    if env.get("ONEDNN_MAX_CPU_ISA") == "AVX2":  # --emulate-avx2: TensorFlow's AVX2 default
+        env["TF_ENABLE_ONEDNN_OPTS"] = "0"
     command = [sys.executable, "-c", PLAIN_RECIPE, str(seed), str(epochs)]
     output, wall, cpu, rss = run_measured(command, env)
     result = json.loads(output.split("RESULT ", 1)[1])
@@ -121,10 +176,11 @@ def run_default(data_dir, seed, epochs, scratch, extra_args):
         "cpu": cpu,
         "peak_rss_mib": rss,
         "precision": metrics["config"]["precision"],
+        "onednn": metrics["compute"]["onednn"],
     }
 
 
-def summarise(runs):
+def summarise(runs, flop_per_epoch, peak):
     plain, default = runs["plain"], runs["default"]
     rows = [
         ("fit s/epoch", "fit_per_epoch"),
@@ -139,6 +195,10 @@ def summarise(runs):
         ratios[key] = p / d
         print(f"{label:<18}{p:>10.1f}{d:>10.1f}{p / d:>14.2f}x")
     print(f"{'peak RSS default/plain':<33}{1 / ratios['peak_rss_mib']:>10.2f}x")
+    print(f"fit: {flop_per_epoch / 1e12:.3f} TFLOP an epoch (training + validation pass)")
+    for side, side_runs in runs.items():
+        gflops = flop_per_epoch / min(r["fit_per_epoch"] for r in side_runs) / 1e9
+        print(f"  {side:<8} {gflops:6.1f} GFLOP/s = {gflops / peak:.0%} of the fp32 peak")
     for side, side_runs in runs.items():
         accuracies = [r["test_accuracy"] for r in side_runs]
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
@@ -187,22 +247,33 @@ def main():
     parser.add_argument("--json", type=Path, help="also write every run and the ratios here")
     parser.add_argument("extra", nargs="*", help="after --: extra options for the default run")
     parser.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help="on an AVX-512 CPU, compute as an AVX2 one: ONEDNN_MAX_CPU_ISA=AVX2 for both "
+        "sides, and oneDNN off for the plain recipe, as TensorFlow leaves it on AVX2 CPUs",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="instead of plain vs default, compare the program run with each option set given "
         'after --, e.g. --compare -- "" "--augment" "--arch improved"',
     )
     args = parser.parse_args()
+    if args.emulate_avx2:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
     if args.compare:
         runs = compare(args)
         if args.json:
             args.json.write_text(json.dumps(runs, indent=2) + "\n")
         return
 
+    cpu, peak = describe_cpu()
+    plain_onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS") or (
+        "0" if args.emulate_avx2 else "TF's default (on with AVX-512-class features)"
+    )
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}; data: {args.data_dir}; "
-        f"{args.epochs} epochs, {args.rounds} rounds"
+        f"{cpu}\nPython {platform.python_version()}; data: {args.data_dir}; "
+        f"{args.epochs} epochs, {args.rounds} rounds; plain recipe's oneDNN: {plain_onednn}"
     )
     runs = {"plain": [], "default": []}
     with tempfile.TemporaryDirectory() as scratch:
@@ -227,7 +298,8 @@ def main():
                     ),
                     flush=True,
                 )
-    ratios = summarise(runs)
+    print(f"default run's oneDNN: {runs['default'][0]['onednn']}")
+    ratios = summarise(runs, fit_flop_per_epoch(args.data_dir), peak)
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "ratios": ratios}, indent=2) + "\n")
 
