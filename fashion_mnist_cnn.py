@@ -487,9 +487,9 @@ def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
     the reason for each: the header line and metrics.json show both.
     """
     model_name, flags = cpu
-    if gpus:
-        capability = min(gpu["compute_capability"] for gpu in gpus)
-        device = f"GPU ({gpus[0]['name']}" + (f", x{len(gpus)})" if len(gpus) > 1 else ")")
+    if gpus:  # without a distribution strategy, TensorFlow computes on the first GPU
+        capability = gpus[0]["compute_capability"]
+        device = f"GPU ({gpus[0]['name']})"
         native_bf16 = capability >= (8, 0)
         why_precision = f"compute capability {capability[0]}.{capability[1]}: bf16 is " + (
             "native" if native_bf16 else "native only from 8.0, so float32"
@@ -532,11 +532,11 @@ def split_rule(args, n_fit, n_held_out, cores):
     """
     rules = [
         (args.no_split, "--no-split"),
-        (cores != 2, f"{cores} core(s); halves are measured to pay on 2"),
+        (cores != 2, f"{cores} core(s), and halves are measured to pay on 2"),
         (args.arch != "seed", "--arch improved (BatchNorm needs the whole batch)"),
         (args.augment, "--augment (each half would draw its own shifts)"),
         (args.batch_size < 2, "batches of one image"),
-        (n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1, "a batch of one"),
+        (n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1, "a batch of one image"),
     ]
     reasons = [reason for applies, reason in rules if applies]
     if reasons:

@@ -73,6 +73,10 @@ def test_help_lists_every_option_with_defaults_without_tensorflow():
         (["--precision", "float16"], "--precision"),
         (["--no-such-option"], "unrecognized"),
         (["predict"], "required"),
+        (["finetune"], "required"),
+        (["finetune", "m.keras", "photos", "--holdout", "1"], "--holdout"),
+        (["finetune", "m.keras", "photos", "--learning-rate", "-1"], "--learning-rate"),
+        (["finetune", "m.keras", "photos", "--epochs", "0"], "--epochs"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line_without_tensorflow(args, message):
@@ -81,6 +85,13 @@ def test_bad_arguments_are_refused_in_one_line_without_tensorflow(args, message)
     errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
     assert not imports_tensorflow(result)
+
+
+@pytest.mark.parametrize("command", ["predict", "finetune"])
+def test_subcommand_help_without_tensorflow(command):
+    result = run_with_importtime(command, "--help")
+    assert result.returncode == 0 and not imports_tensorflow(result)
+    assert "--json" in result.stdout if command == "predict" else "(default: 30)" in result.stdout
 
 
 def test_bad_data_dir_is_refused_before_tensorflow_loads(tmp_path):
@@ -350,3 +361,18 @@ def test_real_sample_end_to_end(tmp_path):
     accuracy = float(result.stdout.split("Test accuracy: ")[1].split()[0])
     assert accuracy > 0.3  # ten classes: chance is 0.1; three epochs on 480 real images
     assert {"model.keras", "metrics.json", "predictions.png"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.skipif(
+    not (SHARED / "real-subset").is_dir(), reason="../shared/fashion-mnist/real-subset absent"
+)
+def test_one_epoch_on_real_images_clearly_learns(tmp_path):
+    out = tmp_path / "out"
+    result = run_program(
+        "--data-dir", SHARED / "real-subset", "--epochs", "1", "--no-show", "--out-dir", out
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 6,580 real training images, 4,443 real test images; chance is 0.1, 10 epochs give ~0.86.
+    assert metrics["test_accuracy"] > 0.65, metrics["test_accuracy"]
+    assert min(metrics["per_class_accuracy"].values()) > 0.1  # every class, not a few

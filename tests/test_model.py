@@ -83,7 +83,7 @@ def test_halves_only_where_measured_and_results_stay_the_same():
         (["--arch", "improved"], {}, "BatchNorm"),
         (["--augment"], {}, "own shifts"),
         (["--batch-size", "1"], {}, "one image"),
-        ([], {"n_fit": 48_001}, "a batch of one"),
+        ([], {"n_fit": 48_001}, "a batch of one image"),
         ([], {"n_held_out": 12_033}, "a batch of one"),  # 12_033 % 256 == 1
     ]:
         chosen = choose(*argv, **kwargs)
