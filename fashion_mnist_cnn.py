@@ -1034,8 +1034,11 @@ def save_predictions_csv(results, path):
             "; ".join(f"{c['class']} {c['probability']:.1%}" for c in top),
             result.get("error", ""),
         ])  # fmt: skip
-    with atomic_path(path) as temporary:
-        temporary.write_text(text.getvalue())
+    try:
+        with atomic_path(path) as temporary:
+            temporary.write_text(text.getvalue())
+    except OSError as error:
+        raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -135,6 +135,12 @@ def test_predict_takes_folders_recursively_in_sorted_order_and_writes_csv(model_
     assert rows[2]["class"] == "" and "no PNG or JPEG" in rows[2]["error"]
 
 
+def test_predict_csv_that_cannot_be_written(model_path, tmp_path):
+    photos = photo_folder(tmp_path / "photos", per_class=1, classes=[2])
+    result = run_program("predict", model_path, photos, "--csv", tmp_path / "no" / "such.csv")
+    assert_clean_failure(result, "--csv", "cannot write there")
+
+
 def test_finetune_learns_from_a_few_photos_and_predict_uses_it(model_path, tmp_path):
     photos = photo_folder(tmp_path / "photos", per_class=12, relabel=3)
     out = tmp_path / "tuned"
