@@ -1123,9 +1123,9 @@ def photo_accuracy(model, images, labels):
 
 
 def finetune(model, images, labels, epochs, learning_rate, out_dir):
-    """Train the whole model a little further on the photos, gently (a tenth of Adam's usual
-    rate), so that tens of photos a class adjust it without undoing what it learned.
-    Returns what train() returns."""
+    """Train the whole model a little further on the photos, gently (by default at a tenth of
+    Adam's usual rate), so that tens of photos a class adjust it without undoing what it
+    learned. Returns what train() returns."""
     import keras
 
     model.compile(

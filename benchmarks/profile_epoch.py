@@ -40,7 +40,7 @@ def main():
         options, len(x_train), 0, fm.find_gpus(), fm.cpu_info(), fm.cpu_cores(), fm.onednn_setting()
     )
     fm.apply_threads(compute["threads"])
-    print(compute)
+    print(f"On {compute['device']}: {compute['precision']}, {compute['why']['split_batches']}")
     keras.utils.set_random_seed(0)
     precision, split = compute["precision"], compute["split_batches"]
     model = fm.build_model(precision)
