@@ -171,37 +171,60 @@ def test_finetune_holds_out_the_same_photos_for_the_same_seed():
     assert [int((labels[held] == c).sum()) for c in range(3)] == [1, 2, 1]
 
 
-def bad_photo_folders(root):
-    """Each bad input for finetune: a folder and the words its one line must hold."""
+def write_bad_folder(root, case):
+    """One bad input for finetune, as a folder under root."""
     image = distinct_images(np.array([0]))[0]
-    cases = {}
+    folder = root / case
+    if case == "none":
+        folder.mkdir(parents=True)
+    elif case == "unknown":
+        write_photo(folder / "Hats" / "a.jpg", image)
+        write_photo(folder / "Bag" / "a.jpg", image)
+    elif case == "empty":
+        write_photo(folder / "Bag" / "a.jpg", image)
+        (folder / "Coat").mkdir()
+    elif case == "text":
+        write_photo(folder / "Bag" / "a.jpg", image)
+        (folder / "Bag" / "b.txt").write_text("notes")
+    elif case == "damaged":
+        write_photo(folder / "Bag" / "a.jpg", image)
+        (folder / "Bag" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    elif case == "few":
+        for n in range(3):
+            write_photo(folder / "Bag" / f"{n}.jpg", image)
+        write_photo(folder / "Coat" / "a.jpg", image)
+    elif case == "loose":
+        write_photo(folder / "Bag" / "a.jpg", image)
+        write_photo(folder / "stray.jpg", image)
+    elif case == "file":
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.write_text("not a folder")
+    return folder
 
-    def case(name, message):
-        cases[name] = (root / name, message)
-        return root / name
 
-    case("none", "no class subfolders").mkdir(parents=True)
-    write_photo(case("unknown", "names no class") / "Hats" / "a.jpg", image)
-    write_photo(case("unknown", "Ankle boot") / "Bag" / "a.jpg", image)
-    write_photo(case("empty", "no png or jpeg photos") / "Bag" / "a.jpg", image)
-    (root / "empty" / "Coat").mkdir()
-    write_photo(case("text", "refuses it rather than skip") / "Bag" / "a.jpg", image)
-    (root / "text" / "Bag" / "b.txt").write_text("notes")
-    write_photo(case("damaged", "damaged image") / "Bag" / "a.jpg", image)
-    (root / "damaged" / "Bag" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    for n in range(3):
-        write_photo(case("few", "too few photos for the hold-out") / "Bag" / f"{n}.jpg", image)
-    write_photo(root / "few" / "Coat" / "a.jpg", image)
-    write_photo(case("loose", "has no label") / "Bag" / "a.jpg", image)
-    write_photo(root / "loose" / "stray.jpg", image)
-    return cases
+@pytest.mark.parametrize(
+    "case, fragments",
+    [
+        ("none", ["no class subfolders"]),
+        ("unknown", ["Hats: names no class", "Ankle boot"]),  # and lists the names it takes
+        ("empty", ["Coat: no png or jpeg photos"]),
+        ("text", ["b.txt", "refuses it rather than skip"]),
+        ("damaged", ["b.jpg", "damaged image"]),
+        ("few", ["too few photos for the hold-out", "Coat has 1"]),
+        ("loose", ["stray.jpg", "has no label"]),
+        ("file", ["not a folder"]),
+        ("nowhere", ["no such folder"]),
+    ],
+)
+def test_finetune_bad_folder_one_line_nothing_written(model_path, tmp_path, case, fragments):
+    folder = write_bad_folder(tmp_path / "bad", case) if case != "nowhere" else tmp_path / "x"
+    out = tmp_path / "out"
+    result = run_program("finetune", model_path, folder, "--out-dir", out)
+    assert_clean_failure(result, *fragments)
+    assert not out.exists()
 
 
-def test_finetune_bad_input_one_line_nothing_written(model_path, tmp_path):
-    for name, (folder, message) in bad_photo_folders(tmp_path / "bad").items():
-        out = tmp_path / f"out-{name}"
-        assert_clean_failure(run_program("finetune", model_path, folder, "--out-dir", out), message)
-        assert not out.exists(), name
+def test_finetune_refuses_a_model_of_another_shape(tmp_path):
     photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
     rgb = tmp_path / "rgb.keras"
     layers = [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
@@ -209,8 +232,6 @@ def test_finetune_bad_input_one_line_nothing_written(model_path, tmp_path):
     out = tmp_path / "out-model"
     assert_clean_failure(run_program("finetune", rgb, photos, "--out-dir", out), "not a 28x28x1")
     assert not out.exists()
-    nowhere = run_program("finetune", model_path, tmp_path / "nowhere")
-    assert_clean_failure(nowhere, "no such folder")
 
 
 def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
