@@ -1,17 +1,19 @@
-"""Time the project's default run against the plain Keras recipe, side by side.
+"""Time the project's default run against the plain Keras recipe, side by side, and its options.
 
-    python benchmarks/benchmark.py --data-dir DIR [--rounds 3] [--epochs 10]
-    python benchmarks/benchmark.py --data-dir DIR --compare -- "" "--augment" "--arch improved"
+    python benchmarks/benchmark.py [--rounds 5]                 # full data from the Keras cache
+    python benchmarks/benchmark.py --data-dir DIR [--rounds 5]  # or the four IDX files in DIR
+    python benchmarks/benchmark.py --options "--augment" "--arch improved"
 
-Each round runs both, one after the other, in fresh processes, alternating which goes first,
-with seed = round number (so both sides see the same seeds). Per run it records the fit time
-per epoch, the end-to-end wall time and CPU time of the whole process, its peak RSS and its
-test accuracy; then it prints the ratios of the fastest (and leanest) runs of each side, and
-the accuracy mean over seeds. The machine shares its CPU with neighbours, so compare only
-numbers from one invocation.
+Each round runs every side (the plain recipe, the default run, the program with each --options
+set) in fresh processes, rotating which goes first, with seed = round number, so every side sees
+the same seeds. Per run it records the fit time per epoch, the end-to-end wall time and CPU time
+of the whole process, its peak RSS and its test accuracy; then it prints the ratios of the
+fastest (and leanest) runs of plain and default, and every side's accuracy, mean ± sd over the
+seeds, with its mean wall time against the default run's. The machine shares its CPU with
+neighbours, so compare only numbers from one invocation.
 
-DIR holds the four Fashion-MNIST files; for timing at full scale without the real data use
-../shared/fashion-mnist/make_lookalike.py DIR (its accuracy is not Fashion-MNIST accuracy).
+Without --data-dir both the plain recipe and the program read the official files from the
+Keras cache (~/.keras/datasets/fashion-mnist/), as a user's run does.
 """
 
 import argparse
@@ -76,12 +78,19 @@ print("RESULT", json.dumps({"test_accuracy": test_accuracy, "fit_seconds": fit_s
 """
 
 
-def fit_flop_per_epoch(data_dir, validation_split=fm.VALIDATION_SPLIT):
-    """Floating-point operations of one epoch of fit: training plus the validation pass."""
+def training_images(data_dir):
+    """How many training images the runs see: the official 60,000 from the Keras cache."""
+    if data_dir is None:
+        return 60_000
     paths = fm.find_data_files(Path(data_dir))
-    n = len(fm.read_idx(paths["train-labels-idx1-ubyte.gz"], fm.IDX_LABELS))
-    n_fit = int(n * (1 - validation_split))
-    return 2 * (n_fit * TRAIN_MACS + (n - n_fit) * sum(FORWARD_MACS.values()))
+    return len(fm.read_idx(paths["train-labels-idx1-ubyte.gz"], fm.IDX_LABELS))
+
+
+def fit_flop_per_epoch(n_train, validation_split=fm.VALIDATION_SPLIT):
+    """Floating-point operations of one epoch of the classic model's fit: training plus the
+    validation pass."""
+    n_fit = int(n_train * (1 - validation_split))
+    return 2 * (n_fit * TRAIN_MACS + (n_train - n_fit) * sum(FORWARD_MACS.values()))
 
 
 def describe_cpu():
@@ -130,15 +139,18 @@ def run_measured(command, env):
 
 
 def run_plain(data_dir, seed, epochs, scratch):
-    # keras.datasets reads $KERAS_HOME/datasets/fashion-mnist/: point it at data_dir's files.
-    cache = scratch / "keras_home" / "datasets" / "fashion-mnist"
-    cache.mkdir(parents=True, exist_ok=True)
-    for name in os.listdir(data_dir):
-        if not (cache / name).exists():
-            (cache / name).symlink_to(Path(data_dir).resolve() / name)
-    env = dict(os.environ, KERAS_HOME=str(scratch / "keras_home"))
+    env = dict(os.environ)
+    if data_dir is not None:
+        # keras.datasets reads $KERAS_HOME/datasets/fashion-mnist/: point it at data_dir's files.
+        cache = scratch / "keras_home" / "datasets" / "fashion-mnist"
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(data_dir):
+            if not (cache / name).exists():
+                (cache / name).symlink_to(Path(data_dir).resolve() / name)
+        env["KERAS_HOME"] = str(scratch / "keras_home")
     if env.get("ONEDNN_MAX_CPU_ISA") == "AVX2":  # --emulate-avx2: TensorFlow's AVX2 default
         env["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    epochs = epochs or fm.EPOCHS
     command = [sys.executable, "-c", PLAIN_RECIPE, str(seed), str(epochs)]
     output, wall, cpu, rss = run_measured(command, env)
     result = json.loads(output.split("RESULT ", 1)[1])
@@ -151,37 +163,34 @@ def run_plain(data_dir, seed, epochs, scratch):
     }
 
 
-def run_default(data_dir, seed, epochs, scratch, extra_args):
-    out_dir = scratch / f"default-{seed}-{time.time_ns()}"
-    command = [
-        sys.executable,
-        str(PROGRAM),
-        "--data-dir",
-        str(data_dir),
-        "--epochs",
-        str(epochs),
-        "--seed",
-        str(seed),
-        "--out-dir",
-        str(out_dir),
-        "--no-show",
-        *extra_args,
-    ]
-    _, wall, cpu, rss = run_measured(command, dict(os.environ))
+def run_program(data_dir, seed, epochs, scratch, options):
+    """The program as a user runs it, with `options`; epochs None: the program's own default."""
+    out_dir = scratch / f"run-{seed}-{time.time_ns()}"
+    command = [sys.executable, str(PROGRAM), "--seed", str(seed), "--out-dir", str(out_dir)]
+    command += ["--data-dir", str(data_dir)] * (data_dir is not None)
+    command += ["--epochs", str(epochs)] * (epochs is not None)
+    _, wall, cpu, rss = run_measured([*command, "--no-show", *options], dict(os.environ))
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return {
-        "fit_per_epoch": metrics["train_seconds"] / epochs,
+        "fit_per_epoch": metrics["train_seconds"] / metrics["epochs_completed"],
         "test_accuracy": metrics["test_accuracy"],
         "wall": wall,
         "cpu": cpu,
         "peak_rss_mib": rss,
+        "epochs": metrics["epochs_completed"],
         "precision": metrics["config"]["precision"],
         "onednn": metrics["compute"]["onednn"],
     }
 
 
-def summarise(runs, flop_per_epoch, peak):
-    plain, default = runs["plain"], runs["default"]
+def accuracy_text(side_runs):
+    accuracies = [r["test_accuracy"] for r in side_runs]
+    spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return f"{statistics.mean(accuracies):.4f} ± {spread:.4f}"
+
+
+def summarise_speed(plain, default, flop_per_epoch, peak):
+    """The plain recipe against the default run: best of each side, and the ratios."""
     rows = [
         ("fit s/epoch", "fit_per_epoch"),
         ("wall s", "wall"),
@@ -196,98 +205,84 @@ def summarise(runs, flop_per_epoch, peak):
         print(f"{label:<18}{p:>10.1f}{d:>10.1f}{p / d:>14.2f}x")
     print(f"{'peak RSS default/plain':<33}{1 / ratios['peak_rss_mib']:>10.2f}x")
     print(f"fit: {flop_per_epoch / 1e12:.3f} TFLOP an epoch (training + validation pass)")
-    for side, side_runs in runs.items():
+    for side, side_runs in (("plain", plain), ("default", default)):
         gflops = flop_per_epoch / min(r["fit_per_epoch"] for r in side_runs) / 1e9
         print(f"  {side:<8} {gflops:6.1f} GFLOP/s = {gflops / peak:.0%} of the fp32 peak")
-    for side, side_runs in runs.items():
-        accuracies = [r["test_accuracy"] for r in side_runs]
-        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        print(
-            f"test accuracy {side:<8} mean {statistics.mean(accuracies):.4f} "
-            f"sd {spread:.4f} over {len(accuracies)} seeds: "
-            + " ".join(f"{a:.4f}" for a in accuracies)
-        )
     return ratios
 
 
-def compare(args):
-    """Run the program with each set of options, rotating the order every round."""
-    variants = [v.split() for v in args.extra]
-    labels = [" ".join(v) or "(default)" for v in variants]
-    runs = {label: [] for label in labels}
-    with tempfile.TemporaryDirectory() as scratch:
-        for seed in range(args.rounds):
-            shift = seed % len(variants)
-            for label, extra in (
-                list(zip(labels, variants))[shift:] + list(zip(labels, variants))[:shift]
-            ):
-                result = run_default(args.data_dir, seed, args.epochs, Path(scratch), extra)
-                runs[label].append(result)
-                print(f"round {seed} {label:<26} accuracy={result['test_accuracy']:.4f} "
-                      f"wall={result['wall']:.1f} fit/epoch={result['fit_per_epoch']:.1f}",
-                      flush=True)  # fmt: skip
-    base = statistics.mean(r["wall"] for r in runs[labels[0]])
-    print(f"\n{'options':<28}{'accuracy mean ± sd':>22}{'wall mean s':>13}{'vs first':>10}")
-    for label, side in runs.items():
-        accuracies = [r["test_accuracy"] for r in side]
-        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        wall = statistics.mean(r["wall"] for r in side)
-        print(f"{label:<28}{statistics.mean(accuracies):>13.4f} ± {spread:.4f}"
-              f"{wall:>13.1f}{wall / base:>9.2f}x")  # fmt: skip
-    return runs
+def summarise_accuracy(runs):
+    """Every side's test accuracy over the seeds and its wall time against the default run's."""
+    base = statistics.mean(r["wall"] for r in runs["(default)"])
+    print(f"\n{'run':<30}{'epochs':>7}{'accuracy mean ± sd':>22}{'wall mean s':>13}"
+          f"{'vs default':>12}{'peak RSS MiB':>14}")  # fmt: skip
+    for label, side_runs in runs.items():
+        wall = statistics.mean(r["wall"] for r in side_runs)
+        epochs = side_runs[0].get("epochs", fm.EPOCHS)
+        rss = max(r["peak_rss_mib"] for r in side_runs)
+        print(f"{label:<30}{epochs:>7}{accuracy_text(side_runs):>22}{wall:>13.1f}"
+              f"{wall / base:>11.2f}x{rss:>14.0f}")  # fmt: skip
+    seeds = len(runs["(default)"])
+    print(f"(seeds 0-{seeds - 1}; each run: " + "; ".join(
+        f"{label} " + " ".join(f"{r['test_accuracy']:.4f}" for r in side_runs)
+        for label, side_runs in runs.items()) + ")")  # fmt: skip
 
 
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--data-dir", type=Path, required=True, help="the four IDX files")
+    parser.add_argument(
+        "--data-dir", type=Path, help="the four IDX files (default: the Keras cache, as users run)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds; seeds 0..rounds-1")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--epochs", type=int, help="epochs for every side (default: each side's own default)"
+    )
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="OPTIONS",
+        help='option sets to run the program with as well, each one quoted: "--augment"',
+    )
+    parser.add_argument("--no-plain", action="store_true", help="leave the plain recipe out")
     parser.add_argument("--json", type=Path, help="also write every run and the ratios here")
-    parser.add_argument("extra", nargs="*", help="after --: extra options for the default run")
     parser.add_argument(
         "--emulate-avx2",
         action="store_true",
-        help="on an AVX-512 CPU, compute as an AVX2 one: ONEDNN_MAX_CPU_ISA=AVX2 for both "
-        "sides, and oneDNN off for the plain recipe, as TensorFlow leaves it on AVX2 CPUs",
-    )
-    parser.add_argument(
-        "--compare",
-        action="store_true",
-        help="instead of plain vs default, compare the program run with each option set given "
-        'after --, e.g. --compare -- "" "--augment" "--arch improved"',
+        help="on an AVX-512 CPU, compute as an AVX2 one: ONEDNN_MAX_CPU_ISA=AVX2 for every "
+        "side, and oneDNN off for the plain recipe, as TensorFlow leaves it on AVX2 CPUs",
     )
     args = parser.parse_args()
     if args.emulate_avx2:
         os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-    if args.compare:
-        runs = compare(args)
-        if args.json:
-            args.json.write_text(json.dumps(runs, indent=2) + "\n")
-        return
 
     cpu, peak = describe_cpu()
     plain_onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS") or (
         "0" if args.emulate_avx2 else "TF's default (on with AVX-512-class features)"
     )
     print(
-        f"{cpu}\nPython {platform.python_version()}; data: {args.data_dir}; "
-        f"{args.epochs} epochs, {args.rounds} rounds; plain recipe's oneDNN: {plain_onednn}"
+        f"{cpu}\nPython {platform.python_version()}; data: {args.data_dir or 'the Keras cache'};"
+        f" {args.epochs or 'default'} epochs, {args.rounds} rounds; plain recipe's oneDNN: "
+        f"{plain_onednn}"
     )
-    runs = {"plain": [], "default": []}
+    sides = [] if args.no_plain else ["plain"]
+    sides += ["(default)", *args.options]
+    runs = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         for seed in range(args.rounds):
-            order = ["plain", "default"] if seed % 2 == 0 else ["default", "plain"]
-            for side in order:
+            shift = seed % len(sides)
+            for side in sides[shift:] + sides[:shift]:
                 if side == "plain":
                     result = run_plain(args.data_dir, seed, args.epochs, scratch)
                 else:
-                    result = run_default(args.data_dir, seed, args.epochs, scratch, args.extra)
+                    options = [] if side == "(default)" else side.split()
+                    result = run_program(args.data_dir, seed, args.epochs, scratch, options)
                 runs[side].append(result)
                 print(
-                    f"round {seed} {side:<8} "
+                    f"round {seed} {side:<28} "
                     + " ".join(
                         f"{k}={v:.4f}"
                         if k == "test_accuracy"
@@ -298,8 +293,12 @@ def main():
                     ),
                     flush=True,
                 )
-    print(f"default run's oneDNN: {runs['default'][0]['onednn']}")
-    ratios = summarise(runs, fit_flop_per_epoch(args.data_dir), peak)
+    print(f"default run's oneDNN: {runs['(default)'][0]['onednn']}")
+    ratios = {}
+    if "plain" in runs:
+        flop = fit_flop_per_epoch(training_images(args.data_dir))
+        ratios = summarise_speed(runs["plain"], runs["(default)"], flop, peak)
+    summarise_accuracy(runs)
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "ratios": ratios}, indent=2) + "\n")
 

@@ -1,6 +1,6 @@
 """Product photos made from real Fashion-MNIST images, to measure `predict` and `finetune` on.
 
-    python benchmarks/photo_like.py make --data-dir DIR --split test --per-class 60 --out PHOTOS
+    python benchmarks/photo_like.py make [--data-dir DIR] --split test --per-class 60 --out PHOTOS
     python benchmarks/photo_like.py score MODEL PHOTOS
 
 `make` turns real 28x28 images into photos as shops take them: a coloured item on a light, dark
@@ -118,7 +118,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     maker = commands.add_parser("make", help="write photo-like images, one folder per class")
-    maker.add_argument("--data-dir", type=Path, required=True, help="the four IDX files")
+    maker.add_argument(
+        "--data-dir", type=Path, help="the four IDX files (default: the full data, Keras cache)"
+    )
     maker.add_argument("--split", choices=["test", "train"], default="test")
     maker.add_argument("--per-class", type=int, default=60)
     maker.add_argument("--seed", type=int, default=0)
