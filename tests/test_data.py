@@ -200,3 +200,33 @@ def test_good_file_survives_a_round_trip(tmp_path):
     assert np.array_equal(fm.read_idx(tmp_path / "x.gz", fm.IDX_IMAGES), images)
     write_idx(tmp_path / "y.gz", images, gzipped=False)
     assert np.array_equal(fm.read_idx(tmp_path / "y", fm.IDX_IMAGES), images)
+
+
+# The complete official files, where ../shared/fashion-mnist/full/ has them.
+
+FULL = SHARED / "full"
+needs_full = pytest.mark.skipif(not FULL.is_dir(), reason="../shared/fashion-mnist/full absent")
+
+
+@needs_full
+def test_the_official_files_are_recognised_as_official(capsys):
+    for name in fm.OFFICIAL_FILES:
+        assert fm.is_official(FULL / name, name)
+    (x_train, y_train), (x_test, y_test) = fm.load_fashion_mnist(FULL)
+    assert x_train.shape == (60_000, 28, 28) and x_test.shape == (10_000, 28, 28)
+    assert np.bincount(y_train).tolist() == [6000] * 10
+    assert np.bincount(y_test).tolist() == [1000] * 10
+    assert "not the official" not in capsys.readouterr().out
+
+
+@needs_full
+@pytest.mark.parametrize("name", list(fm.OFFICIAL_FILES))
+def test_an_official_file_with_one_byte_changed_is_refused(tmp_path, name):
+    for other in fm.OFFICIAL_FILES:
+        (tmp_path / other).symlink_to(FULL / other)
+    (tmp_path / name).unlink()
+    data = bytearray((FULL / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit different
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(fm.UserError, match=f"{name}: checksum mismatch"):
+        fm.load_fashion_mnist(tmp_path)

@@ -81,7 +81,6 @@ def test_halves_only_where_measured_and_results_stay_the_same():
         ([], {"cores": 1}, "1 core"),
         ([], {"cores": 16}, "16 core"),  # unmeasured: TensorFlow's own threading
         (["--arch", "improved"], {}, "BatchNorm"),
-        (["--augment"], {}, "own shifts"),
         (["--batch-size", "1"], {}, "one image"),
         ([], {"n_fit": 48_001}, "a batch of one image"),
         ([], {"n_held_out": 12_033}, "a batch of one"),  # 12_033 % 256 == 1
@@ -96,6 +95,40 @@ def test_onednn_cap_makes_an_avx512_cpu_choose_as_avx2(monkeypatch):
     _, flags = fm.cpu_info()
     assert not any(flag.startswith(("avx512", "amx")) for flag in flags)
     assert fm.cpu_class(flags) in ("AVX2", "older than AVX2")
+
+
+GRAVITON3 = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm
+ jscvt fcma lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs
+ paca pacg dcpodp svei8mm svebf16 i8mm bf16 dgh rng
+CPU implementer\t: 0x41
+CPU part\t: 0xd40
+""".replace("\n ", " ")  # one Features line, wrapped here for width
+ZEN3 = "model name\t: AMD Ryzen 7 5800X\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+
+
+@pytest.mark.parametrize(
+    "text, machine, name, cpu_class",
+    [
+        (GRAVITON3, "aarch64", "aarch64", "Arm with bf16"),  # Linux on Arm: no model name
+        (GRAVITON3.replace(" bf16", ""), "aarch64", "aarch64", "Arm"),
+        ("", "arm64", "arm64", "Arm"),  # Apple Silicon: no /proc/cpuinfo at all
+        (ZEN3, "x86_64", "AMD Ryzen 7 5800X", "AVX2"),
+        ("", "x86_64", "x86_64", "features unknown"),  # an Intel Mac, Windows
+        ("model name\t: Old\nflags\t: fpu sse4_2\n", "x86_64", "Old", "older than AVX2"),
+    ],
+)
+def test_cpu_class_is_named_right_on_every_kind_of_cpu(text, machine, name, cpu_class, monkeypatch):
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    cpu = fm.cpu_info(text, machine)
+    assert cpu[0] == name and fm.cpu_class(cpu[1]) == cpu_class
+    chosen = choose(cpu=cpu)
+    assert f"{cpu_class}, 2 cores" in chosen["device"]
+    if cpu_class != "AVX2":  # nothing else changes there: float32, oneDNN as TensorFlow has it
+        assert chosen["precision"] == "float32"
+        fm.choose_onednn(cpu[1])
+        assert fm.onednn_setting() == "TF's default"
 
 
 def test_onednn_turned_on_for_avx2_unless_the_user_says(monkeypatch):
@@ -212,6 +245,21 @@ def test_evaluate_agrees_with_keras_evaluate():
     assert results["probabilities"].shape == (300, 10)
 
 
+def test_mistakes_are_the_wrong_predictions_most_confident_first():
+    labels = np.array([0, 1, 2, 3, 4])
+    probabilities = np.full((5, 10), 0.01)
+    probabilities[0, 0] = 0.9  # right
+    probabilities[1, 5] = 0.6  # wrong, less sure
+    probabilities[2, 7] = 0.95  # wrong, surest
+    probabilities[3, 3] = 0.99  # right, however sure
+    probabilities[4, 9] = 0.7  # wrong
+    assert fm.most_confident_mistakes(labels, probabilities).tolist() == [2, 4, 1]
+    figure = fm.plot_mistakes(np.zeros((5, 28, 28)), labels, probabilities)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["#2: Sneaker 95%\ntrue: Pullover", "#4: Ankle boot 70%\ntrue: Coat",
+                      "#1: Sandal 60%\ntrue: Trouser"]  # fmt: skip
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_training_learns_visually_distinct_classes(tmp_path, precision):
     """A short run must separate ten plainly different patterns; a broken loop cannot."""
@@ -248,27 +296,21 @@ def test_an_epoch_is_its_batches_and_no_more(tmp_path):
     assert int(model.optimizer.iterations) == 8
 
 
-@pytest.mark.parametrize("arch, augment", [("seed", True), ("improved", False), ("improved", True)])
-def test_options_build_train_save_load_and_predict(tmp_path, arch, augment):
+def test_improved_model_builds_trains_saves_loads_and_predicts(tmp_path):
     keras.utils.set_random_seed(0)
     labels = np.arange(64) % 10
     images = distinct_images(labels)
-    model = fm.build_model("float32", arch, augment)
+    model = fm.build_model("float32", "improved", total_steps=2)
     names = [type(layer).__name__ for layer in model.layers]
-    assert ("RandomTranslation" in names and "RandomFlip" in names) == augment
-    if arch == "improved":
-        assert model.count_params() < 500_000
-        assert "BatchNormalization" in names and "Dropout" in names
-    else:
-        assert model.count_params() == 93_322
+    assert model.count_params() < 500_000
+    assert "BatchNormalization" in names and "Dropout" in names
     before = [w.numpy().copy() for w in model.trainable_weights]
     fm.train(model, fm.batches(images, labels, 32, shuffle=True), None, 1, tmp_path)
     assert any(not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights))
     model.save(tmp_path / "model.keras")
     loaded = fm.load_trained_model(tmp_path / "model.keras")
     x = fm.scale_pixels(images[:5])
-    # Augmentation and dropout act only in training: predictions are repeatable and survive
-    # saving and loading.
+    # Dropout acts only in training: predictions are repeatable and survive saving and loading.
     assert np.allclose(loaded.predict(x, verbose=0), loaded.predict(x, verbose=0))
     assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     from PIL import Image
@@ -276,6 +318,47 @@ def test_options_build_train_save_load_and_predict(tmp_path, arch, augment):
     Image.fromarray(images[0]).save(tmp_path / "item.png")
     (result,) = fm.predict_images(loaded, [tmp_path / "item.png"])
     assert result["top3"][0]["class"] in fm.CLASS_NAMES
+
+
+def test_improved_recipe_larger_batches_and_a_rate_that_falls_to_zero():
+    assert fm.parse_train_args([]).batch_size == 32
+    assert fm.parse_train_args(["--arch", "improved"]).batch_size == 256
+    assert fm.parse_train_args(["--arch", "improved", "--batch-size", "64"]).batch_size == 64
+    optimizer = fm.build_model("float32", "improved", total_steps=1000).optimizer
+    schedule = keras.optimizers.schedules.deserialize(optimizer.get_config()["learning_rate"])
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
+    assert float(schedule(0)) == pytest.approx(0.005)
+    assert float(schedule(500)) == pytest.approx(0.0025, rel=1e-3)
+    assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-9)
+    assert float(optimizer.learning_rate) == pytest.approx(0.005)  # before the first step
+    # The classic model keeps Adam's constant default rate.
+    assert float(fm.build_model().optimizer.learning_rate) == pytest.approx(0.001)
+
+
+def test_augment_mirrors_half_the_images_anew_each_epoch_same_for_the_same_seed():
+    labels = np.arange(512) % 10
+    images = distinct_images(labels)  # no image is its own mirror image
+
+    def epochs(seed, **kwargs):
+        keras.utils.set_random_seed(seed)
+        data = fm.batches(images, labels, 64, augment=True, **kwargs)
+        return [np.concatenate([np.concatenate(x) if kwargs else x for x, _ in data])
+                for _ in range(2)]  # fmt: skip
+
+    plain = fm.scale_pixels(images)
+    first, second = epochs(1)
+    for epoch in (first, second):
+        same = np.all(epoch == plain, axis=(1, 2, 3))
+        mirrored = np.all(epoch == plain[:, :, ::-1], axis=(1, 2, 3))
+        assert np.all(same | mirrored)  # each image whole, either way round
+        assert 0.4 < mirrored.mean() < 0.6
+    assert not np.array_equal(first, second)  # new draws every epoch
+    again = epochs(1)
+    assert np.array_equal(first, again[0]) and np.array_equal(second, again[1])
+    # In halves, the same images are mirrored as in whole batches: halves change no result.
+    halves = epochs(1, halves=True)
+    assert np.array_equal(first, halves[0]) and np.array_equal(second, halves[1])
+    assert not np.array_equal(first, epochs(2)[0])
 
 
 def test_default_model_starts_from_the_same_weights_as_the_plain_recipe():
