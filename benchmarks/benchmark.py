@@ -2,7 +2,7 @@
 
     python benchmarks/benchmark.py [--rounds 5]                 # full data from the Keras cache
     python benchmarks/benchmark.py --data-dir DIR [--rounds 5]  # or the four IDX files in DIR
-    python benchmarks/benchmark.py --options "--augment" "--arch improved"
+    python benchmarks/benchmark.py -- "--augment" "--arch improved"
 
 Each round runs every side (the plain recipe, the default run, the program with each --options
 set) in fresh processes, rotating which goes first, with seed = round number, so every side sees
@@ -240,11 +240,10 @@ def main():
         "--epochs", type=int, help="epochs for every side (default: each side's own default)"
     )
     parser.add_argument(
-        "--options",
-        nargs="+",
-        default=[],
-        metavar="OPTIONS",
-        help='option sets to run the program with as well, each one quoted: "--augment"',
+        "options",
+        nargs="*",
+        help='after --, option sets to run the program with as well, each one quoted: -- "--augment"'
+        ' "--arch improved"',
     )
     parser.add_argument("--no-plain", action="store_true", help="leave the plain recipe out")
     parser.add_argument("--json", type=Path, help="also write every run and the ratios here")
