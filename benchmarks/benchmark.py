@@ -230,7 +230,7 @@ def summarise_accuracy(runs):
 
 def main():
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=fm.HelpFormatter
     )
     parser.add_argument(
         "--data-dir", type=Path, help="the four IDX files (default: the Keras cache, as users run)"
@@ -242,8 +242,8 @@ def main():
     parser.add_argument(
         "options",
         nargs="*",
-        help='after --, option sets to run the program with as well, each one quoted: -- "--augment"'
-        ' "--arch improved"',
+        help="after --, option sets to run the program with as well, each one quoted: "
+        '-- "--augment" "--arch improved"',
     )
     parser.add_argument("--no-plain", action="store_true", help="leave the plain recipe out")
     parser.add_argument("--json", type=Path, help="also write every run and the ratios here")

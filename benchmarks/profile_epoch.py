@@ -1,7 +1,7 @@
 """Where does a training step's time go? Profile the default run's fit and total it by op.
 
     pip install xprof   # reads TensorFlow's profile files; not needed for anything else
-    python benchmarks/profile_epoch.py --data-dir DIR [--steps 200] [--precision auto] [--no-split]
+    python benchmarks/profile_epoch.py [--data-dir DIR] [--steps 200] [--precision auto]
 
 It trains one warm-up pass (tracing, oneDNN set-up), then profiles `--steps` steps of the
 default run's training with tf.profiler and prints each op type's share of the compute time.
@@ -20,7 +20,7 @@ import fashion_mnist_cnn as fm  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, help="the four IDX files (default: Keras cache)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--no-split", action="store_true", help="whole batches, not halves")
