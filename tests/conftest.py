@@ -4,6 +4,7 @@ import gzip
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,15 @@ PROGRAM = ROOT / "fashion_mnist_cnn.py"
 SHARED = ROOT.parent / "shared" / "fashion-mnist"
 
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The environment the program runs in, as a user's shell gives it: taken before anything here
+# (this file's setting below, TensorFlow's imports in the test modules) adds TensorFlow's own
+# variables, so that command-line tests exercise the program's defaults for them.
+USER_ENV = {
+    key: value
+    for key, value in os.environ.items()
+    if key not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "DISPLAY", "WAYLAND_DISPLAY")
+}
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow in the test process
 
 
 def write_idx(path, array, gzipped=True):
@@ -58,19 +67,58 @@ def data_dir(tmp_path):
     return make_dataset(tmp_path / "data")
 
 
-def run_program(*args, env=None, timeout=300, cwd=None):
+def on_cores(cores):
+    """A preexec_fn that runs the child on its first `cores` cores (None: all of them)."""
+    if cores is None:
+        return None
+    return lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+
+
+def program_env(env=None):
+    """The user's environment (no display: no window may open in tests), plus env."""
+    return dict(USER_ENV, **(env or {}))
+
+
+def run_program(*args, env=None, timeout=300, cwd=None, cores=None):
     """Run fashion_mnist_cnn.py as a user would; return the CompletedProcess."""
-    full_env = dict(os.environ, **(env or {}))
-    full_env.pop("DISPLAY", None)  # no window may open during tests
-    full_env.pop("WAYLAND_DISPLAY", None)
     return subprocess.run(
         [sys.executable, str(PROGRAM), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=full_env,
+        env=program_env(env),
         cwd=cwd,
+        preexec_fn=on_cores(cores),
     )
+
+
+def start_program(*args, env=None):
+    """Start fashion_mnist_cnn.py in the background, its output unbuffered; return the Popen."""
+    return subprocess.Popen(
+        [sys.executable, str(PROGRAM), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=program_env(dict(env or {}, PYTHONUNBUFFERED="1")),
+    )
+
+
+def wait_for_line(process, prefix, timeout=120):
+    """Read the child's stdout until a line starts with prefix; return the lines read. Fails
+    (rather than hangs) if none comes within timeout seconds."""
+    lines, found = [], threading.Event()
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith(prefix):
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        raise AssertionError(f"no line starting {prefix!r} in {timeout} s: {''.join(lines)}")
+    return lines
 
 
 def assert_clean_failure(result, *fragments):

@@ -194,6 +194,43 @@ def test_fuzz_headers_and_truncations(tmp_path, ndim, dims, payload, cut):
         assert array.dtype == np.uint8 and array.size > 0
 
 
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    count=st.integers(0, 2**32 - 1) | st.integers(0, 6),
+    height=st.sampled_from([28, 28, 28, 27, 0]),
+    width=st.sampled_from([28, 28, 28, 29, 0]),
+    extra=st.integers(-800, 800),
+    gzipped=st.booleans(),
+)
+def test_fuzz_image_files_with_plausible_headers(tmp_path, count, height, width, extra, gzipped):
+    # Mostly three-dimensional 28x28 headers, which random headers almost never are, with a
+    # payload near what they promise: the image path's own checks, not the header's, are hit.
+    promised = min(count, 8) * height * width
+    data = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (count, height, width))
+    data += bytes(np.random.default_rng(count).integers(0, 256, max(0, promised + extra), np.uint8))
+    path = tmp_path / "fuzz.gz"
+    path.write_bytes(gzip.compress(data) if gzipped else data)
+    try:
+        array = fm.read_idx(path, fm.IDX_IMAGES)
+    except fm.UserError:
+        return
+    assert array.shape == (count, 28, 28) and extra == 0 and count > 0
+
+
+def test_an_idx_file_that_cannot_be_read(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(fm.UserError, match="could not be read"):
+        fm.read_idx(tmp_path / "folder", fm.IDX_LABELS)
+
+
+def test_a_label_file_that_holds_no_labels(tmp_path):
+    write_idx(tmp_path / TRAIN_LABELS, np.zeros(0))
+    with pytest.raises(fm.UserError, match="holds no labels"):
+        fm.read_idx(tmp_path / TRAIN_LABELS, fm.IDX_LABELS)
+
+
 def test_good_file_survives_a_round_trip(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / "x.gz", images)

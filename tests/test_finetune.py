@@ -2,15 +2,18 @@
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import PROGRAM, assert_clean_failure, distinct_images, run_program
+from conftest import (
+    assert_clean_failure,
+    distinct_images,
+    run_program,
+    start_program,
+    wait_for_line,
+)
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -237,18 +240,16 @@ def test_finetune_refuses_a_model_of_another_shape(tmp_path):
 def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
     photos = photo_folder(tmp_path / "photos", per_class=30)
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, str(PROGRAM), "finetune", str(model_path), str(photos),
-         "--epochs", "100000", "--out-dir", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    process = start_program(
+        "finetune", model_path, photos, "--epochs", "100000", "--out-dir", out
     )  # fmt: skip
-    for line in process.stdout:  # training has begun once an epoch is done
-        if line.startswith("Epoch 2/"):
-            break
-    time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=120)
+    try:
+        wait_for_line(process, "Epoch 2/")  # training has begun once an epoch is done
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()  # if the signal was ignored, the very bug this looks for
     assert process.returncode == 143, stderr
     assert "Traceback" not in stderr and "after:" in stdout
     metrics = json.loads((out / "metrics.json").read_text())

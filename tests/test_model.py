@@ -90,11 +90,18 @@ def test_halves_only_where_measured_and_results_stay_the_same():
         assert reason in chosen["why"]["split_batches"], chosen["why"]
 
 
-def test_onednn_cap_makes_an_avx512_cpu_choose_as_avx2(monkeypatch):
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    _, flags = fm.cpu_info()
-    assert not any(flag.startswith(("avx512", "amx")) for flag in flags)
-    assert fm.cpu_class(flags) in ("AVX2", "older than AVX2")
+SAPPHIRE_RAPIDS = "model name\t: Intel Xeon\nflags\t: avx2 fma avx512f avx512_bf16 amx_bf16\n"
+
+
+@pytest.mark.parametrize(
+    "cap, cpu_class",
+    [("", "AMX"), ("AVX512_CORE", "AVX-512"), ("AVX512_CORE_VNNI", "AVX-512"), ("AVX2", "AVX2")],
+)
+def test_onednn_cap_makes_a_cpu_choose_as_a_lesser_one(monkeypatch, cap, cpu_class):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu = fm.cpu_info(SAPPHIRE_RAPIDS, "x86_64")  # a faked CPU: every machine tests every cap
+    assert fm.cpu_class(cpu[1]) == cpu_class
+    assert choose(cpu=cpu)["precision"] == ("bfloat16" if cap == "" else "float32")
 
 
 GRAVITON3 = """processor\t: 0
