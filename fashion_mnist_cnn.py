@@ -447,10 +447,10 @@ def batches(images, labels, batch_size, indices=None, shuffle=False, halves=Fals
 def mirror_at_random(images, key):
     """Each image mirrored left-right with probability 1/2: clothes look as right either way.
 
-    The augmentation that measured best on the full data (benchmarks/README.md): shifts and
-    zooms made the classic model worse at 10 epochs, as Fashion-MNIST's items are centred and
-    scaled alike. Stateless draws from the batch's key, made before a batch is cut in halves,
-    so the same seed mirrors the same images whether it trains whole or in halves.
+    The augmentation that measured best on the full data (benchmarks/README.md): shifts made
+    the classic model worse, as Fashion-MNIST's items are centred and scaled alike. Stateless
+    draws from the batch's key, made before a batch is cut in halves, so the same seed mirrors
+    the same images whether it trains whole or in halves.
     """
     import tensorflow as tf
 
@@ -593,8 +593,7 @@ def split_rule(args, n_fit, n_held_out, cores):
     Only where it was measured to pay: 2 cores (on 1 the halves could not run side by side;
     more are unmeasured, so TensorFlow's own threading). And only where nothing but rounding
     changes: the classic model (the improved one's BatchNorm normalises by its batch's
-    statistics), and no batch of one image, as oneDNN's
-    convolutions refuse the empty half.
+    statistics), and no batch of one image, as oneDNN's convolutions refuse the empty half.
     """
     rules = [
         (args.no_split, "--no-split"),
@@ -692,9 +691,7 @@ def build_model(precision="float32", arch="seed", steps_per_execution=32, total_
         keras.config.set_dtype_policy(previous_policy)
     learning_rate = 0.001  # Adam's default: the recipe's
     if arch == "improved":
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            IMPROVED_LEARNING_RATE, total_steps or 1
-        )
+        learning_rate = keras.optimizers.schedules.CosineDecay(IMPROVED_LEARNING_RATE, total_steps)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -1297,7 +1294,9 @@ def run_training(args):
     start = time.perf_counter()
     history, stop_signal, epochs_completed = train(
         in_halves(model) if split else model,
-        batches(x_train, y_train, args.batch_size, fit, True, split, args.augment),
+        batches(
+            x_train, y_train, args.batch_size, fit, shuffle=True, halves=split, augment=args.augment
+        ),
         batches(x_train, y_train, EVAL_BATCH_SIZE, held_out, halves=split),
         args.epochs,
         out_dir,
