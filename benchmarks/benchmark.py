@@ -4,13 +4,13 @@
     python benchmarks/benchmark.py --data-dir DIR [--rounds 5]  # or the four IDX files in DIR
     python benchmarks/benchmark.py -- "--augment" "--arch improved"
 
-Each round runs every side (the plain recipe, the default run, the program with each --options
-set) in fresh processes, rotating which goes first, with seed = round number, so every side sees
-the same seeds. Per run it records the fit time per epoch, the end-to-end wall time and CPU time
-of the whole process, its peak RSS and its test accuracy; then it prints the ratios of the
-fastest (and leanest) runs of plain and default, and every side's accuracy, mean ± sd over the
-seeds, with its mean wall time against the default run's. The machine shares its CPU with
-neighbours, so compare only numbers from one invocation.
+Each round runs every side (the plain recipe, the default run, the program with each option set
+given after --) in fresh processes, rotating which goes first, with seed = round number, so
+every side sees the same seeds. Per run it records the fit time per epoch, the end-to-end wall
+time and CPU time of the whole process, its peak RSS and its test accuracy; then it prints the
+ratios of the fastest (and leanest) runs of plain and default, and every side's accuracy, mean
+± sd over the seeds, with its mean wall time against the default run's. The machine shares its
+CPU with neighbours, so compare only numbers from one invocation.
 
 Without --data-dir both the plain recipe and the program read the official files from the
 Keras cache (~/.keras/datasets/fashion-mnist/), as a user's run does.
@@ -160,6 +160,7 @@ def run_plain(data_dir, seed, epochs, scratch):
         "wall": wall,
         "cpu": cpu,
         "peak_rss_mib": rss,
+        "epochs": epochs,
     }
 
 
@@ -218,7 +219,7 @@ def summarise_accuracy(runs):
           f"{'vs default':>12}{'peak RSS MiB':>14}")  # fmt: skip
     for label, side_runs in runs.items():
         wall = statistics.mean(r["wall"] for r in side_runs)
-        epochs = side_runs[0].get("epochs", fm.EPOCHS)
+        epochs = side_runs[0]["epochs"]
         rss = max(r["peak_rss_mib"] for r in side_runs)
         print(f"{label:<30}{epochs:>7}{accuracy_text(side_runs):>22}{wall:>13.1f}"
               f"{wall / base:>11.2f}x{rss:>14.0f}")  # fmt: skip
