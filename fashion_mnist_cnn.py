@@ -12,6 +12,7 @@ and mistakes are answered at once; that is why some functions import it themselv
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gzip
 import hashlib
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -164,7 +166,15 @@ def parse_train_args(argv):
         help="where the model, metrics and figures go (default: a new runs/<timestamp>/)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="allow an --out-dir that holds a finished run"
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out-dir that holds a run, finished or not (without it, an "
+        "unfinished run there is continued)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest unfinished run under runs/, or --out-dir's",
     )
     parser.add_argument(
         "--samples",
@@ -201,11 +211,17 @@ def parse_train_args(argv):
         f"trains {AUGMENT_EPOCHS} epochs unless --epochs says otherwise",
     )
     parser.add_argument("--no-show", action="store_true", help="never open a figure window")
-    args = parser.parse_args(argv)
+    args = refuse_resume_with_overwrite(parser, parser.parse_args(argv))
     if args.epochs is None:
         args.epochs = AUGMENT_EPOCHS if args.augment else EPOCHS
     if args.batch_size is None:
         args.batch_size = IMPROVED_BATCH_SIZE if args.arch == "improved" else BATCH_SIZE
+    return args
+
+
+def refuse_resume_with_overwrite(parser, args):
+    if args.resume and args.overwrite:
+        parser.error("--resume continues a run and --overwrite starts over: give one of them")
     return args
 
 
@@ -259,9 +275,17 @@ def parse_finetune_args(argv):
         help="where the new model and metrics go (default: a new runs/<timestamp>-finetune/)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="allow an --out-dir that holds a finished run"
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out-dir that holds a run, finished or not (without it, an "
+        "unfinished run there is continued)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest unfinished run under runs/, or --out-dir's",
+    )
+    return refuse_resume_with_overwrite(parser, parser.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,28 +428,30 @@ def split_validation(n_images, validation_split, seed):
     return order[:split_at], order[split_at:]
 
 
-def batches(images, labels, batch_size, indices=None, shuffle=False, halves=False, augment=False):
+def batches(images, labels, batch_size, indices=None, epoch_key=None, halves=False, augment=False):
     """A tf.data pipeline of float32 [0, 1] batches of the images at `indices` (default: all).
 
     The data set stays uint8 (pass it as a tensor to share one copy between pipelines): each
     batch is gathered from it and scaled on its own, so no float copy of the data set is made,
-    least of all the float64 one that `x / 255.0` makes (8x the memory). Shuffling permutes
-    indices, not images. With augment, each image is mirrored at random (mirror_at_random).
-    With halves, each batch comes as its two halves, for in_halves().
+    least of all the float64 one that `x / 255.0` makes (8x the memory). With epoch_key, a
+    (seed, epoch) pair, the images come in an order drawn from that key alone, and with augment
+    are mirrored at random (mirror_at_random) by draws from it alone: any epoch's batches can be
+    made again, which continuing a stopped run needs (a tf.data shuffle draws from the state of
+    its iterators). With halves, each batch comes as its two halves, for in_halves().
     """
     import tensorflow as tf
 
     images, labels = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
     indices = np.arange(len(labels)) if indices is None else indices
-    order = tf.data.Dataset.from_tensor_slices(indices)
-    if shuffle:
-        order = order.shuffle(len(indices), reshuffle_each_iteration=True)
-    order = order.batch(batch_size)
+    if epoch_key is not None:
+        draws = np.random.default_rng(epoch_key)
+        indices = draws.permutation(indices)
+    order = tf.data.Dataset.from_tensor_slices(indices).batch(batch_size)
     if augment:
-        # A key per batch for its random draws, from a stream that the global seed fixes and
-        # that differs every epoch, as the shuffle does.
-        keys = tf.data.Dataset.random(rerandomize_each_iteration=True).batch(2)
-        order = tf.data.Dataset.zip(order, keys)
+        if epoch_key is None:
+            raise ValueError("augment draws from the epoch_key: pass one")
+        keys = draws.integers(2**31, size=(math.ceil(len(indices) / batch_size), 2))
+        order = tf.data.Dataset.zip(order, tf.data.Dataset.from_tensor_slices(keys))
 
     def gather(batch, key=None):
         x = tf.cast(tf.gather(images, batch)[..., tf.newaxis], tf.float32) / 255.0
@@ -754,27 +780,53 @@ def stop_gracefully(model):
             signal.signal(stop_signal, handler)
 
 
-def train(model, train_data, validation_data, epochs, out_dir):
-    """Fit the model; return its per-epoch history, the signal that cut it short (or None)
-    and the epochs completed."""
+def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, back_up=None):
+    """Fit the model one epoch at a time, each on epoch_data(epoch), from the epochs that
+    `progress` (a backup's) has completed, calling back_up(progress) after each. Returns the
+    progress (history, epochs completed, seconds) and the signal that cut it short, or None."""
     import keras
 
+    progress = progress or new_progress()
+    # A fit() per epoch, so that each epoch's batches are made for it (one data set of every
+    # epoch with steps_per_epoch would not do: steps_per_execution would run whole executions of
+    # 32 batches past each epoch's end). This callback ends each fit() after its epoch, while
+    # the progress bar still counts to `epochs`.
+    one_epoch = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True)
+    )
     with stop_gracefully(model) as state:
-        history = model.fit(
-            # Not train_data.repeat() with steps_per_epoch: with steps_per_execution, Keras would
-            # then run whole executions of 32 batches, overrunning every epoch's end.
-            train_data,
-            validation_data=validation_data,
-            epochs=epochs,
-            shuffle=False,  # the pipeline already reshuffles every epoch
-            # A progress bar for people, one line per epoch for logs and pipes.
-            verbose=1 if sys.stdout.isatty() else 2,
-            callbacks=[keras.callbacks.CSVLogger(out_dir / "history.csv")],
-        )
-    epochs_run = len(history.history.get("loss", []))
-    # An epoch cut short by a signal is not a completed one.
-    epochs_completed = epochs_run - 1 if state["signal"] and epochs_run else epochs_run
-    return history.history, state["signal"], epochs_completed
+        for epoch in range(progress["epochs_completed"], epochs):
+            if state["signal"]:  # it came while the last epoch was backed up
+                break
+            start = time.perf_counter()
+            history = model.fit(
+                epoch_data(epoch),
+                validation_data=validation_data,
+                initial_epoch=epoch,
+                epochs=epochs,
+                shuffle=False,  # each epoch's batches come in their own order already
+                # A progress bar for people, one line per epoch for logs and pipes.
+                verbose=1 if sys.stdout.isatty() else 2,
+                callbacks=[
+                    one_epoch,
+                    keras.callbacks.CSVLogger(out_dir / "history.csv", append=True),
+                ],
+            ).history
+            progress["train_seconds"] += time.perf_counter() - start
+            for key, values in history.items():
+                progress["history"].setdefault(key, []).extend(values)
+            if state["signal"]:  # an epoch cut short is not a completed one
+                break
+            progress["epochs_completed"] = epoch + 1
+            if back_up:
+                start = time.perf_counter()
+                back_up(progress)
+                progress["backup_seconds"] += time.perf_counter() - start
+    return progress, state["signal"]
+
+
+def new_progress():
+    return {"epochs_completed": 0, "history": {}, "train_seconds": 0.0, "backup_seconds": 0.0}
 
 
 def evaluate(model, test_data, y_test):
@@ -930,15 +982,21 @@ def plot_confusion_matrix(confusion):
 # Save
 
 
-def prepare_out_dir(out_dir, overwrite, suffix=""):
-    """Create the run folder; a default one is new per run, so no run overwrites another."""
-    if out_dir is None:
+def prepare_out_dir(out_dir, overwrite, suffix="", resume=False, command="training"):
+    """Create the run folder, or find the one to continue (read_backup checks it): a default
+    one is new per run, so no run overwrites another; --resume takes the newest unfinished."""
+    unfinished = out_dir is not None and (out_dir / "backup" / "state.json").exists()
+    if out_dir is None and resume:
+        out_dir = newest_unfinished_run(command)
+    elif resume and not unfinished:
+        raise UserError(f"--resume: {out_dir} holds no unfinished run to continue")
+    elif out_dir is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + suffix
         out_dir, n = Path("runs") / stamp, 1
         while out_dir.exists():
             n += 1
             out_dir = Path("runs") / f"{stamp}-{n}"
-    elif (out_dir / "metrics.json").exists() and not overwrite:
+    elif (out_dir / "metrics.json").exists() and not (overwrite or unfinished):
         raise UserError(f"--out-dir {out_dir} holds a finished run; pass --overwrite to replace it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -977,6 +1035,168 @@ def save_figures(out_dir, history, results, x_test, y_test, samples):
     for name, fig in figures.items():
         with atomic_path(out_dir / name) as temporary:
             fig.savefig(temporary, dpi=100)
+
+
+# ----------------------------------------------------------------------------------------------
+# Continue: a run stopped by anything (kill -9, the OOM killer, a preempted machine) goes on from
+# its last completed epoch when started again. backup/ in the run folder holds, from the start
+# and after each epoch, the weights with Adam's state, the random state and the history so far;
+# state.json names the weights file and is replaced last, so a kill at any instant leaves the
+# previous backup or the new one. The next epoch's batches depend on the seed and the epoch only.
+
+BACKUP_FORMAT = 1  # what backup/ holds; a backup in another format is refused
+
+
+def fingerprint(*arrays):
+    """A short hash of the arrays' contents: a run continues only on the data it started on."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array))
+    return digest.hexdigest()
+
+
+def file_sha256(path):
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def state_checksum(state):
+    """The checksum state.json carries of the rest of itself: a changed one is refused."""
+    rest = {key: value for key, value in state.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def random_state(model):
+    """The model's variables beyond its weights: the Dropout layers' seed state, which decides
+    the next dropout masks and which save_weights leaves out."""
+    weights = {id(weight) for weight in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def save_backup(model, out_dir, command, options, progress):
+    folder = out_dir / "backup"
+    folder.mkdir(exist_ok=True)
+    weights = folder / f"epoch-{progress['epochs_completed']}.weights.h5"
+    model.save_weights(weights)  # with the optimizer's state
+    state = {
+        "format": BACKUP_FORMAT,
+        "command": command,
+        "options": options,
+        "progress": progress,
+        "weights": weights.name,
+        "weights_sha256": file_sha256(weights),
+        "random_state": [variable.numpy().tolist() for variable in random_state(model)],
+    }
+    save_json(state | {"checksum": state_checksum(state)}, folder / "state.json")
+    for old in folder.glob("*.weights.h5"):
+        if old != weights:
+            old.unlink()
+
+
+def newest_unfinished_run(command):
+    """What --resume continues: the run folder under runs/ backed up last by `command`."""
+    found = []
+    for path in Path("runs").glob("*/backup/state.json"):
+        try:
+            ours = json.loads(path.read_text()).get("command", command) == command
+        except (OSError, ValueError, AttributeError):
+            ours = True  # damaged: read_backup says so
+        if ours:
+            found.append(path)
+    if not found:
+        raise UserError(f"--resume: no unfinished {command} run under runs/ to continue")
+    return max(found, key=lambda path: path.stat().st_mtime).parent.parent
+
+
+def read_backup(out_dir, command, options, epochs):
+    """The backup of the run to continue in out_dir (None if it holds none), checked before
+    anything is changed: one that is damaged, another version's, or made with other options
+    than `options` is refused with one line."""
+    path = out_dir / "backup" / "state.json"
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        weights = out_dir / "backup" / str(state.get("weights"))
+        if state.get("format") != BACKUP_FORMAT:
+            problem = "it was written by another version of this program"
+        elif state.get("checksum") != state_checksum(state):
+            problem = "backup/state.json has been changed or damaged"
+        elif not weights.is_file() or file_sha256(weights) != state["weights_sha256"]:
+            problem = f"{weights.name} is missing or damaged"
+        else:
+            problem = None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        problem = "backup/state.json cannot be read"
+    if problem:
+        raise UserError(f"{out_dir} cannot be continued: {problem}; to start over, add --overwrite")
+    if state["command"] != command:
+        raise UserError(
+            f"{out_dir} holds an unfinished {state['command']} run, not a {command} one"
+        )
+    for name, value in options.items():
+        started = state["options"].get(name)
+        if started == value:
+            continue
+        if isinstance(value, bool):
+            was = f"{'with' if started else 'without'} {name}"
+        elif name.startswith("--"):
+            was = f"with {name} {started}, not {value}"
+        else:
+            was = f"from another {name}"
+        raise UserError(
+            f"{out_dir} was started {was}: continue it with the same options, or start over "
+            "with --overwrite"
+        )
+    done = state["progress"]["epochs_completed"]
+    if epochs < done:
+        raise UserError(f"--epochs {epochs}: {out_dir} has completed {done} epochs already")
+    return state
+
+
+def continuing_line(out_dir, backup, epochs):
+    done = backup["progress"]["epochs_completed"]
+    if done == epochs:
+        return f"Continuing {out_dir}: its {epochs} epochs are done; evaluating and saving"
+    return f"Continuing {out_dir} from epoch {done + 1} of {epochs}"
+
+
+def restore_or_start(model, out_dir, command, options, backup):
+    """The progress to train from: the backup's, with its weights, Adam's state and random
+    state put back into the model; or, with no backup, none, and a first backup made."""
+    if not model.optimizer.built:  # else Keras would skip the backup's optimizer state
+        model.optimizer.build(model.trainable_variables)
+    history = out_dir / "history.csv"
+    if backup is None:
+        shutil.rmtree(out_dir / "backup", ignore_errors=True)
+        history.unlink(missing_ok=True)
+        progress = new_progress()
+        save_backup(model, out_dir, command, options, progress)
+        return progress
+    try:
+        model.load_weights(out_dir / "backup" / backup["weights"])
+        for variable, value in zip(random_state(model), backup["random_state"], strict=True):
+            variable.assign(value)
+    except (ValueError, OSError, KeyError) as error:
+        raise UserError(
+            f"{out_dir} cannot be continued: its backup does not fit this model ({error}); to "
+            "start over, add --overwrite"
+        ) from None
+    if history.exists():  # back to its rows of the completed epochs; CSVLogger appends to it
+        rows = history.read_text().splitlines(keepends=True)
+        with atomic_path(history) as temporary:
+            temporary.write_text("".join(rows[: 1 + backup["progress"]["epochs_completed"]]))
+    return copy.deepcopy(backup["progress"])  # the backup stays as read: metrics.json cites it
+
+
+def finish_backup(out_dir, stop_signal, progress):
+    """A finished run needs its backup no more; a stopped one keeps it, to be continued."""
+    if stop_signal is None:
+        shutil.rmtree(out_dir / "backup")
+    else:
+        print(
+            f"Run the same command again to continue from epoch {progress['epochs_completed'] + 1}."
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1210,10 +1430,10 @@ def photo_accuracy(model, images, labels):
     }
 
 
-def finetune(model, images, labels, epochs, learning_rate, out_dir):
-    """Train the whole model a little further on the photos, gently (by default at a tenth of
-    Adam's usual rate), so that tens of photos a class adjust it without undoing what it
-    learned. Returns what train() returns."""
+def compile_for_finetuning(model, learning_rate):
+    """The whole model is trained a little further on the photos, gently (by default at a
+    tenth of Adam's usual rate), so that tens of photos a class adjust it without undoing what
+    it learned."""
     import keras
 
     model.compile(
@@ -1221,7 +1441,6 @@ def finetune(model, images, labels, epochs, learning_rate, out_dir):
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    return train(model, batches(images, labels, BATCH_SIZE, shuffle=True), None, epochs, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1266,7 +1485,19 @@ def run_training(args):
     fit, held_out = split_validation(len(x_train), args.validation_split, args.seed)
     if max(args.samples) >= len(x_test):
         raise UserError(f"--samples: the test set has images 0 to {len(x_test) - 1} only")
-    out_dir = prepare_out_dir(args.out_dir, args.overwrite)
+    # What a continued run must share with the run it continues; --epochs may grow.
+    options = {
+        "data set": fingerprint(x_train, y_train, x_test, y_test),
+        "--arch": args.arch,
+        "--batch-size": args.batch_size,
+        "--validation-split": args.validation_split,
+        "--seed": args.seed,
+        "--augment": args.augment,
+    }
+    out_dir = prepare_out_dir(args.out_dir, args.overwrite, resume=args.resume)
+    backup = None if args.overwrite else read_backup(out_dir, "training", options, args.epochs)
+    if backup:
+        print(continuing_line(out_dir, backup, args.epochs))
     show = not args.no_show and display_available()
     if not show:
         import matplotlib
@@ -1290,40 +1521,51 @@ def run_training(args):
         f"{'batches in halves' if split else 'whole batches'}, oneDNN {compute['onednn']}"
     )
 
+    progress = restore_or_start(model, out_dir, "training", options, backup)
+
     x_train = keras.ops.convert_to_tensor(x_train)  # one copy, shared by both pipelines
-    start = time.perf_counter()
-    history, stop_signal, epochs_completed = train(
+    progress, stop_signal = train(
         in_halves(model) if split else model,
-        batches(
-            x_train, y_train, args.batch_size, fit, shuffle=True, halves=split, augment=args.augment
+        lambda epoch: batches(
+            x_train,
+            y_train,
+            args.batch_size,
+            fit,
+            epoch_key=(args.seed, epoch),
+            halves=split,
+            augment=args.augment,
         ),
         batches(x_train, y_train, EVAL_BATCH_SIZE, held_out, halves=split),
         args.epochs,
         out_dir,
+        progress,
+        lambda progress: save_backup(model, out_dir, "training", options, progress),
     )
-    train_seconds = time.perf_counter() - start
 
     results = evaluate(model, batches(x_test, y_test, EVAL_BATCH_SIZE), y_test)
     print(f"\nTest accuracy: {results['test_accuracy']:.4f}")
     print(f"Test loss: {results['test_loss']:.4f}")
     print_per_class(results["per_class_accuracy"])
 
-    save_figures(out_dir, history, results, x_test, y_test, args.samples)
+    save_figures(out_dir, progress["history"], results, x_test, y_test, args.samples)
     with atomic_path(out_dir / "model.keras") as temporary:
         model.save(temporary)
     metrics = {
         key: results[key] for key in ("test_accuracy", "test_loss", "per_class_accuracy")
     } | {
-        "epochs_completed": epochs_completed,
+        "epochs_completed": progress["epochs_completed"],
         "interrupted": stop_signal is not None,
-        "train_seconds": round(train_seconds, 1),
-        "history": history,
+        "continued_from_epoch": backup["progress"]["epochs_completed"] if backup else None,
+        "train_seconds": round(progress["train_seconds"], 1),
+        "backup_seconds": round(progress["backup_seconds"], 2),
+        "history": progress["history"],
         "config": vars(args)
         | {"precision": precision, "split_batches": split, "keras": keras.__version__},
         "compute": compute,
     }
     save_json(metrics, out_dir / "metrics.json")
     print(f"\nSaved model.keras, metrics.json, history.csv and figures to {out_dir}/")
+    finish_backup(out_dir, stop_signal, progress)
     if stop_signal:
         return 128 + stop_signal  # the shell's code: 130 for Ctrl-C, 143 for SIGTERM
     if show:
@@ -1358,7 +1600,17 @@ def run_finetune(args):
     tune, held_out = hold_out_photos(labels, args.holdout, args.seed)
     keras = start_tensorflow_quietly()
     model = load_trained_model(args.model)
-    out_dir = prepare_out_dir(args.out_dir, args.overwrite, suffix="-finetune")
+    options = {  # what a continued run must share with the run it continues
+        "model": file_sha256(args.model),
+        "photo folder": fingerprint(images, labels),
+        "--learning-rate": args.learning_rate,
+        "--holdout": args.holdout,
+        "--seed": args.seed,
+    }
+    out_dir = prepare_out_dir(args.out_dir, args.overwrite, "-finetune", args.resume, "finetune")
+    backup = None if args.overwrite else read_backup(out_dir, "finetune", options, args.epochs)
+    if backup:
+        print(continuing_line(out_dir, backup, args.epochs))
     import matplotlib
 
     matplotlib.use("Agg")  # the confusion matrix is saved, never shown
@@ -1369,8 +1621,16 @@ def run_finetune(args):
     )
     before = photo_accuracy(model, images[held_out], labels[held_out])
     print(f"Accuracy on the held-out photos before: {before['accuracy']:.4f}")
-    history, stop_signal, epochs_completed = finetune(
-        model, images[tune], labels[tune], args.epochs, args.learning_rate, out_dir
+    compile_for_finetuning(model, args.learning_rate)
+    progress = restore_or_start(model, out_dir, "finetune", options, backup)
+    progress, stop_signal = train(
+        model,
+        lambda epoch: batches(images[tune], labels[tune], BATCH_SIZE, epoch_key=(args.seed, epoch)),
+        None,
+        args.epochs,
+        out_dir,
+        progress,
+        lambda progress: save_backup(model, out_dir, "finetune", options, progress),
     )
     after = photo_accuracy(model, images[held_out], labels[held_out])
     print(f"Accuracy on the held-out photos after:  {after['accuracy']:.4f}")
@@ -1386,13 +1646,15 @@ def run_finetune(args):
         "photos": {CLASS_NAMES[c]: int(counts[c]) for c in range(10) if counts[c]},
         "photos_tuned_on": len(tune),
         "photos_held_out": len(held_out),
-        "epochs_completed": epochs_completed,
+        "epochs_completed": progress["epochs_completed"],
         "interrupted": stop_signal is not None,
-        "history": history,
+        "continued_from_epoch": backup["progress"]["epochs_completed"] if backup else None,
+        "history": progress["history"],
         "config": vars(args) | {"keras": keras.__version__},
     }
     save_json(metrics, out_dir / "metrics.json")
     print(f"\nSaved model.keras, metrics.json, history.csv and confusion_matrix.png to {out_dir}/")
+    finish_backup(out_dir, stop_signal, progress)
     return 128 + stop_signal if stop_signal else 0
 
 

@@ -9,7 +9,8 @@ given after --) in fresh processes, rotating which goes first, with seed = round
 every side sees the same seeds. Per run it records the fit time per epoch, the end-to-end wall
 time and CPU time of the whole process, its peak RSS and its test accuracy; then it prints the
 ratios of the fastest (and leanest) runs of plain and default, and every side's accuracy, mean
-± sd over the seeds, with its mean wall time against the default run's. The machine shares its
+± sd over the seeds, with its mean wall time against the default run's and the share of it spent
+writing the per-epoch backups that let a stopped run continue. The machine shares its
 CPU with neighbours, so compare only numbers from one invocation.
 
 Without --data-dir both the plain recipe and the program read the official files from the
@@ -174,6 +175,7 @@ def run_program(data_dir, seed, epochs, scratch, options):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return {
         "fit_per_epoch": metrics["train_seconds"] / metrics["epochs_completed"],
+        "backup_seconds": metrics["backup_seconds"],  # saving what a stopped run continues from
         "test_accuracy": metrics["test_accuracy"],
         "wall": wall,
         "cpu": cpu,
@@ -216,13 +218,15 @@ def summarise_accuracy(runs):
     """Every side's test accuracy over the seeds and its wall time against the default run's."""
     base = statistics.mean(r["wall"] for r in runs["(default)"])
     print(f"\n{'run':<30}{'epochs':>7}{'accuracy mean ± sd':>22}{'wall mean s':>13}"
-          f"{'vs default':>12}{'peak RSS MiB':>14}")  # fmt: skip
+          f"{'vs default':>12}{'peak RSS MiB':>14}{'backups':>9}")  # fmt: skip
     for label, side_runs in runs.items():
         wall = statistics.mean(r["wall"] for r in side_runs)
         epochs = side_runs[0]["epochs"]
         rss = max(r["peak_rss_mib"] for r in side_runs)
+        # The per-epoch backups' share of the wall time (the plain recipe makes none).
+        backups = sum(r.get("backup_seconds", 0) for r in side_runs) / (wall * len(side_runs))
         print(f"{label:<30}{epochs:>7}{accuracy_text(side_runs):>22}{wall:>13.1f}"
-              f"{wall / base:>11.2f}x{rss:>14.0f}")  # fmt: skip
+              f"{wall / base:>11.2f}x{rss:>14.0f}{backups:>9.2%}")  # fmt: skip
     seeds = len(runs["(default)"])
     print(f"(seeds 0-{seeds - 1}; each run: " + "; ".join(
         f"{label} " + " ".join(f"{r['test_accuracy']:.4f}" for r in side_runs)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "fashion_mnist_cnn.py"
@@ -24,6 +25,8 @@ USER_ENV = {
     if key not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "DISPLAY", "WAYLAND_DISPLAY")
 }
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow in the test process
+
+from fashion_mnist_cnn import CLASS_NAMES  # noqa: E402  (imports no TensorFlow)
 
 
 def write_idx(path, array, gzipped=True):
@@ -62,6 +65,28 @@ def make_dataset(directory, n_train=200, n_test=50, gzipped=True, seed=0):
     return directory
 
 
+def write_photo(path, image, background=(235, 230, 225), item=(150, 30, 40), size=140):
+    """A 28x28 item (light on dark) as a coloured product photo on a coloured background."""
+    darkness = np.asarray(Image.fromarray(image).resize((size, size)), np.float32)[..., None] / 255
+    canvas = np.ones((size + 40, size + 60, 3), np.float32) * background
+    patch = canvas[20 : 20 + size, 30 : 30 + size]
+    canvas[20 : 20 + size, 30 : 30 + size] = patch * (1 - darkness) + np.array(item) * darkness
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas.astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def photo_folder(folder, per_class, classes=range(10), seed=0, relabel=0):
+    """FOLDER/<class name>/NN.jpg: per_class photos of each class, of generated items. With
+    relabel, each class's photos show the item the model knows as class + relabel: products
+    that look unlike what the model learned, which only fine-tuning can teach it."""
+    labels = np.repeat(list(classes), per_class)
+    items = distinct_images((labels + relabel) % 10, seed=seed)
+    for n, (label, image) in enumerate(zip(labels, items)):
+        write_photo(folder / CLASS_NAMES[label].replace("/", "-") / f"{n:03d}.jpg", image)
+    return folder
+
+
 @pytest.fixture
 def data_dir(tmp_path):
     return make_dataset(tmp_path / "data")
@@ -92,7 +117,7 @@ def run_program(*args, env=None, timeout=300, cwd=None, cores=None):
     )
 
 
-def start_program(*args, env=None):
+def start_program(*args, env=None, cwd=None, cores=None):
     """Start fashion_mnist_cnn.py in the background, its output unbuffered; return the Popen."""
     return subprocess.Popen(
         [sys.executable, str(PROGRAM), *map(str, args)],
@@ -100,6 +125,8 @@ def start_program(*args, env=None):
         stderr=subprocess.PIPE,
         text=True,
         env=program_env(dict(env or {}, PYTHONUNBUFFERED="1")),
+        cwd=cwd,
+        preexec_fn=on_cores(cores),
     )
 
 

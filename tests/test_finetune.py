@@ -10,37 +10,17 @@ import pytest
 from conftest import (
     assert_clean_failure,
     distinct_images,
+    photo_folder,
     run_program,
     start_program,
     wait_for_line,
+    write_photo,
 )
 from PIL import Image
 
 import fashion_mnist_cnn as fm
 
 keras = fm.start_tensorflow_quietly()
-
-
-def write_photo(path, image, background=(235, 230, 225), item=(150, 30, 40), size=140):
-    """A 28x28 item (light on dark) as a coloured product photo on a coloured background."""
-    darkness = np.asarray(Image.fromarray(image).resize((size, size)), np.float32)[..., None] / 255
-    canvas = np.ones((size + 40, size + 60, 3), np.float32) * background
-    patch = canvas[20 : 20 + size, 30 : 30 + size]
-    canvas[20 : 20 + size, 30 : 30 + size] = patch * (1 - darkness) + np.array(item) * darkness
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas.astype(np.uint8)).save(path, quality=90)
-    return path
-
-
-def photo_folder(folder, per_class, classes=range(10), seed=0, relabel=0):
-    """FOLDER/<class name>/NN.jpg: per_class photos of each class, of generated items. With
-    relabel, each class's photos show the item the model knows as class + relabel: products
-    that look unlike what the model learned, which only fine-tuning can teach it."""
-    labels = np.repeat(list(classes), per_class)
-    items = distinct_images((labels + relabel) % 10, seed=seed)
-    for n, (label, image) in enumerate(zip(labels, items)):
-        write_photo(folder / fm.CLASS_NAMES[label].replace("/", "-") / f"{n:03d}.jpg", image)
-    return folder
 
 
 @pytest.mark.parametrize(
@@ -109,7 +89,7 @@ def model_path(tmp_path_factory):
     model = fm.build_model("float32")
     fm.train(
         model,
-        fm.batches(distinct_images(labels, seed=1), labels, 32, shuffle=True),
+        lambda epoch: fm.batches(distinct_images(labels, seed=1), labels, 32, epoch_key=(0, epoch)),
         None,
         3,
         tmp_path_factory.mktemp("log"),

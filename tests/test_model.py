@@ -155,7 +155,7 @@ def test_pipeline_batches_scaled_float32_with_a_channel():
     images = np.full((70, 28, 28), 255, np.uint8)
     labels = np.arange(70) % 10
     images[:, 0, 0] = np.arange(70)  # tells the images apart
-    batches = list(fm.batches(images, labels, 32, shuffle=True))
+    batches = list(fm.batches(images, labels, 32, epoch_key=(0, 0)))
     assert [len(y) for _, y in batches] == [32, 32, 6]
     x, y = batches[0]
     assert x.dtype == "float32" and tuple(x.shape) == (32, 28, 28, 1)
@@ -175,7 +175,7 @@ def test_pipeline_runs_without_tf_data_autotuning():
     # With autotuning on, each pass over the data ended only at the autotuner's next round (a 6 s
     # epoch took 10.2 s): a regression shows only in the benchmark, so it is pinned here.
     labels = np.arange(10)
-    data = fm.batches(np.zeros((10, 28, 28), np.uint8), labels, 4, shuffle=True, halves=True)
+    data = fm.batches(np.zeros((10, 28, 28), np.uint8), labels, 4, epoch_key=(0, 0), halves=True)
     assert data.options().autotune.enabled is False
     assert sum(len(y) for _, y in data) == 10
 
@@ -221,14 +221,14 @@ def test_training_in_halves_is_training_on_the_whole_batch(tmp_path):
         keras.utils.set_random_seed(0)
         model = fm.build_model("float32")
         trainer = fm.in_halves(model) if halves else model
-        history, _, _ = fm.train(
+        progress, _ = fm.train(
             trainer,
-            fm.batches(images, labels, 33, halves=halves),  # batches of 33, 33, 33 and 2
+            lambda epoch, halves=halves: fm.batches(images, labels, 33, halves=halves),
             fm.batches(images, labels, 256, np.arange(45), halves=halves),
             2,
             tmp_path,
         )
-        runs.append((history, [w.numpy() for w in model.weights], model.optimizer))
+        runs.append((progress["history"], [w.numpy() for w in model.weights], model.optimizer))
     (whole, whole_weights, whole_adam), (split, split_weights, split_adam) = runs
     assert split.keys() == whole.keys()
     for key in whole:
@@ -244,7 +244,7 @@ def test_evaluate_agrees_with_keras_evaluate():
     labels = np.arange(300) % 10
     images = distinct_images(labels)
     model = fm.build_model("float32")
-    model.fit(fm.batches(images, labels, 32, shuffle=True), shuffle=False, verbose=0)
+    model.fit(fm.batches(images, labels, 32, epoch_key=(0, 0)), shuffle=False, verbose=0)
     loss, accuracy = model.evaluate(fm.batches(images, labels, 256), verbose=0)
     results = fm.evaluate(model, fm.batches(images, labels, 256), labels)
     assert results["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
@@ -277,9 +277,9 @@ def test_training_learns_visually_distinct_classes(tmp_path, precision):
     fit, held_out = fm.split_validation(len(x_train), 0.2, seed=0)
     model = fm.build_model(precision)
     untrained = fm.evaluate(model, fm.batches(x_test, y_test, 256), y_test)
-    history, interrupted, epochs_completed = fm.train(
+    progress, interrupted = fm.train(
         model,
-        fm.batches(x_train, y_train, 32, fit, shuffle=True),
+        lambda epoch: fm.batches(x_train, y_train, 32, fit, epoch_key=(0, epoch)),
         fm.batches(x_train, y_train, 256, held_out),
         3,
         tmp_path,
@@ -287,8 +287,8 @@ def test_training_learns_visually_distinct_classes(tmp_path, precision):
     results = fm.evaluate(model, fm.batches(x_test, y_test, 256), y_test)
     assert untrained["test_accuracy"] < 0.3
     assert results["test_accuracy"] > 0.9, results["test_accuracy"]
-    assert history["loss"][-1] < history["loss"][0]
-    assert (not interrupted) and epochs_completed == 3
+    assert progress["history"]["loss"][-1] < progress["history"]["loss"][0]
+    assert (not interrupted) and progress["epochs_completed"] == 3
     assert (tmp_path / "history.csv").read_text().count("\n") == 4  # header + 3 epochs
     assert set(results["per_class_accuracy"]) == set(fm.CLASS_NAMES)
     assert results["confusion"].sum() == 300
@@ -299,7 +299,9 @@ def test_an_epoch_is_its_batches_and_no_more(tmp_path):
     """101 images in batches of 33: 4 steps an epoch, though Keras runs 32 steps per call."""
     labels = np.arange(101) % 10
     model = fm.build_model("float32")
-    fm.train(model, fm.batches(distinct_images(labels), labels, 33), None, 2, tmp_path)
+    fm.train(
+        model, lambda epoch: fm.batches(distinct_images(labels), labels, 33), None, 2, tmp_path
+    )
     assert int(model.optimizer.iterations) == 8
 
 
@@ -312,7 +314,9 @@ def test_improved_model_builds_trains_saves_loads_and_predicts(tmp_path):
     assert model.count_params() < 500_000
     assert "BatchNormalization" in names and "Dropout" in names
     before = [w.numpy().copy() for w in model.trainable_weights]
-    fm.train(model, fm.batches(images, labels, 32, shuffle=True), None, 1, tmp_path)
+    fm.train(
+        model, lambda epoch: fm.batches(images, labels, 32, epoch_key=(0, 0)), None, 1, tmp_path
+    )
     assert any(not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights))
     model.save(tmp_path / "model.keras")
     loaded = fm.load_trained_model(tmp_path / "model.keras")
@@ -342,30 +346,37 @@ def test_improved_recipe_larger_batches_and_a_rate_that_falls_to_zero():
     assert float(fm.build_model().optimizer.learning_rate) == pytest.approx(0.001)
 
 
-def test_augment_mirrors_half_the_images_anew_each_epoch_same_for_the_same_seed():
-    labels = np.arange(512) % 10
-    images = distinct_images(labels)  # no image is its own mirror image
+def test_each_epoch_shuffles_and_mirrors_anew_from_the_seed_and_epoch_alone():
+    """An epoch's batches depend on (seed, epoch) only, not on what came before: a continued
+    run makes the same epoch 3 as an unbroken one."""
+    images = distinct_images(np.arange(512) % 10)  # no image is its own mirror image
 
-    def epochs(seed, **kwargs):
-        keras.utils.set_random_seed(seed)
-        data = fm.batches(images, labels, 64, augment=True, **kwargs)
-        return [np.concatenate([np.concatenate(x) if kwargs else x for x, _ in data])
-                for _ in range(2)]  # fmt: skip
+    def epoch(seed, number, **kwargs):
+        # The labels are the images' indices, to tell which image each one is.
+        data = fm.batches(images, np.arange(512), 64, epoch_key=(seed, number), augment=True,
+                          **kwargs)  # fmt: skip
+        x = np.concatenate([np.concatenate(x) if kwargs else x for x, _ in data])
+        return x, np.concatenate([y for _, y in data])
 
     plain = fm.scale_pixels(images)
-    first, second = epochs(1)
-    for epoch in (first, second):
-        same = np.all(epoch == plain, axis=(1, 2, 3))
-        mirrored = np.all(epoch == plain[:, :, ::-1], axis=(1, 2, 3))
-        assert np.all(same | mirrored)  # each image whole, either way round
-        assert 0.4 < mirrored.mean() < 0.6
-    assert not np.array_equal(first, second)  # new draws every epoch
-    again = epochs(1)
-    assert np.array_equal(first, again[0]) and np.array_equal(second, again[1])
+    mirrored, made = [], []
+    for number in (0, 1):
+        x, index = epoch(1, number)
+        made.append(x)
+        assert sorted(index) == list(range(512)) and not np.array_equal(index, np.arange(512))
+        same = np.all(x == plain[index], axis=(1, 2, 3))
+        mirror = np.all(x == plain[index][:, :, ::-1], axis=(1, 2, 3))
+        assert np.all(same | mirror)  # each image whole, either way round
+        assert 0.4 < mirror.mean() < 0.6
+        mirrored.append(mirror[np.argsort(index)])
+    assert not np.array_equal(*mirrored)  # new draws every epoch
+    assert np.array_equal(epoch(1, 1)[0], made[1])  # epoch 1 made again, without epoch 0
+    data = fm.batches(images, np.arange(512), 64, epoch_key=(1, 1), augment=True)
+    first, again = (np.concatenate([x for x, _ in data]) for _ in range(2))
+    assert np.array_equal(first, again) and np.array_equal(first, made[1])  # no iterator state
     # In halves, the same images are mirrored as in whole batches: halves change no result.
-    halves = epochs(1, halves=True)
-    assert np.array_equal(first, halves[0]) and np.array_equal(second, halves[1])
-    assert not np.array_equal(first, epochs(2)[0])
+    assert np.array_equal(epoch(1, 1, halves=True)[0], epoch(1, 1)[0])
+    assert not np.array_equal(epoch(2, 1)[0], epoch(1, 1)[0])
 
 
 def test_default_model_starts_from_the_same_weights_as_the_plain_recipe():

@@ -19,7 +19,7 @@ def train_model(x_train, y_train, epochs, path):
     model = fm.build_model("float32")
     fm.train(
         model,
-        fm.batches(x_train, y_train, 32, fit, shuffle=True),
+        lambda epoch: fm.batches(x_train, y_train, 32, fit, epoch_key=(0, epoch)),
         fm.batches(x_train, y_train, 256, held_out),
         epochs,
         path.parent,

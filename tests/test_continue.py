@@ -1,0 +1,293 @@
+"""Continuing a run after a hard stop: kill -9 at any point, then the same command, gives the
+numbers of an unbroken run; a damaged, foreign or mismatched backup is refused in one line."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from conftest import (
+    assert_clean_failure,
+    distinct_images,
+    make_dataset,
+    photo_folder,
+    run_program,
+    start_program,
+    wait_for_line,
+)
+
+import fashion_mnist_cnn as fm
+
+keras = fm.start_tensorflow_quietly()
+
+# Two cores where there are two or more, so that the default run trains in halves.
+CORES = 2 if len(os.sched_getaffinity(0)) >= 2 else None
+SAME = ("test_accuracy", "test_loss", "per_class_accuracy", "history", "epochs_completed")
+
+
+def training(data, out, *options):
+    return ("--data-dir", data, "--epochs", "4", "--seed", "3", "--no-show", "--out-dir", out,
+            *options)  # fmt: skip
+
+
+def finished(out):
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics | {"history.csv": (out / "history.csv").read_text()}
+
+
+def kill_at(command, line, cwd=None):
+    """Start the program, SIGKILL it as soon as it prints a line starting with `line`."""
+    process = start_program(*command, cwd=cwd, cores=CORES)
+    try:
+        wait_for_line(process, line)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGKILL
+
+
+def folder_state(folder):
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 3,000 images: an epoch lasts long enough (~90 steps) to be killed in the middle.
+    return make_dataset(tmp_path_factory.mktemp("data"), n_train=3000, n_test=200)
+
+
+@pytest.fixture(scope="module")
+def unbroken(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unbroken") / "out"
+    result = run_program(*training(data, out), cores=CORES)
+    assert result.returncode == 0, result.stderr
+    if CORES:
+        assert json.loads((out / "metrics.json").read_text())["compute"]["split_batches"]
+    return finished(out) | {"out": out}
+
+
+@pytest.mark.parametrize(
+    "line, says, epochs_done",
+    [
+        ("Epoch 1/4", " from epoch 1 of 4", 0),  # before the first epoch ends
+        ("Epoch 3/4", " from epoch 3 of 4", 2),  # in the middle of a run
+        ("Test accuracy", ": its 4 epochs are done; evaluating and saving", 4),  # while saving
+    ],
+)
+def test_killed_run_continues_to_the_unbroken_runs_numbers(
+    data, unbroken, tmp_path, line, says, epochs_done
+):
+    out = tmp_path / "out"
+    kill_at(training(data, out), line)
+    assert not (out / "metrics.json").exists()
+    result = run_program(*training(data, out), cores=CORES)
+    assert result.returncode == 0, result.stderr
+    # Said at once, after the data's note (generated data is not the official files).
+    assert result.stdout.splitlines()[1] == f"Continuing {out}{says}"
+    continued = finished(out)
+    for key in (*SAME, "history.csv"):
+        assert continued[key] == unbroken[key], key
+    assert continued["continued_from_epoch"] == epochs_done
+    assert unbroken["continued_from_epoch"] is None
+    assert not (out / "backup").exists()  # a finished run keeps no backup
+
+
+def test_options_continue_exactly_and_resume_finds_the_newest_unfinished_run(data, tmp_path):
+    """--arch improved --augment: dropout, mirroring and batch order all continue as in an
+    unbroken run; --resume with no --out-dir takes the newest unfinished run under runs/."""
+    options = ("--data-dir", data, "--epochs", "3", "--seed", "3", "--no-show", "--arch",
+               "improved", "--augment", "--batch-size", "64")  # fmt: skip
+    result = run_program(*options, "--out-dir", tmp_path / "unbroken")
+    assert result.returncode == 0, result.stderr
+    kill_at(options, "Epoch 2/3", cwd=tmp_path)
+    (killed,) = (tmp_path / "runs").iterdir()
+    # Newer, but neither an unfinished training run: a finished one, an unfinished fine-tuning.
+    shutil.copytree(tmp_path / "unbroken", tmp_path / "runs" / "finished")
+    (tmp_path / "runs" / "tuning" / "backup").mkdir(parents=True)
+    (tmp_path / "runs" / "tuning" / "backup" / "state.json").write_text('{"command": "finetune"}')
+    result = run_program(*options, "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"Continuing {killed.relative_to(tmp_path)} from epoch 2 of 3" in result.stdout
+    continued, whole = finished(killed), finished(tmp_path / "unbroken")
+    for key in (*SAME, "history.csv"):
+        assert continued[key] == whole[key], key
+
+
+def test_ctrl_c_then_the_same_command_with_more_epochs_trains_on(data, tmp_path):
+    out = tmp_path / "out"
+    process = start_program(*training(data, out))
+    try:
+        wait_for_line(process, "Epoch 2/4")
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "Run the same command again to continue from epoch 2." in stdout
+    assert json.loads((out / "metrics.json").read_text())["interrupted"] is True
+    result = run_program(*training(data, out)[:-2], "--out-dir", out, "--epochs", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1] == f"Continuing {out} from epoch 2 of 5"
+    metrics = finished(out)
+    assert metrics["interrupted"] is False and metrics["epochs_completed"] == 5
+    assert len(metrics["history"]["loss"]) == 5 and metrics["history.csv"].count("\n") == 6
+
+
+@pytest.fixture(scope="module")
+def killed_run(data, tmp_path_factory):
+    """A run killed during its third epoch: a backup of epoch 2."""
+    out = tmp_path_factory.mktemp("killed") / "out"
+    kill_at(training(data, out), "Epoch 3/4")
+    return out
+
+
+@pytest.fixture
+def unfinished(killed_run, tmp_path):
+    """A copy of killed_run for each test."""
+    return shutil.copytree(killed_run, tmp_path / "out")
+
+
+def edit_state(out, change, keep_checksum=False):
+    path = out / "backup" / "state.json"
+    state = json.loads(path.read_text())
+    change(state)
+    if not keep_checksum:
+        state["checksum"] = fm.state_checksum(state)
+    path.write_text(json.dumps(state))
+
+
+def truncate_weights(out):
+    (weights,) = (out / "backup").glob("*.weights.h5")
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (truncate_weights, ["epoch-2.weights.h5 is missing or damaged"]),
+        (lambda out: next((out / "backup").glob("*.h5")).unlink(), ["missing or damaged"]),
+        (lambda out: (out / "backup" / "state.json").write_text('{"form'), ["cannot be read"]),
+        (lambda out: (out / "backup" / "state.json").write_text("[]"), ["cannot be read"]),
+        (
+            lambda out: edit_state(
+                out, lambda s: s["progress"].update(epochs_completed=3), keep_checksum=True
+            ),
+            ["state.json has been changed or damaged"],
+        ),
+        (lambda out: edit_state(out, lambda s: s.update(format=0)), ["another version"]),
+        (lambda out: edit_state(out, lambda s: s.update(command="finetune")), ["finetune run"]),
+    ],
+)
+def test_damaged_or_foreign_backup_is_refused_and_left_alone(data, unfinished, damage, fragments):
+    damage(unfinished)
+    before = folder_state(unfinished)
+    result = run_program(*training(data, unfinished))
+    assert_clean_failure(result, *fragments)
+    if "finetune" not in fragments[0]:
+        assert "to start over, add --overwrite" in result.stderr
+    assert folder_state(unfinished) == before
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (["--batch-size", "64"], "was started with --batch-size 32, not 64"),
+        (["--seed", "4"], "was started with --seed 3, not 4"),
+        (["--arch", "improved"], "was started with --arch seed, not improved"),
+        (["--validation-split", "0.3"], "was started with --validation-split 0.2, not 0.3"),
+        (["--augment"], "was started without --augment"),
+        (["--epochs", "1"], "--epochs 1: {out} has completed 2 epochs already"),
+        (["--data-dir", "OTHER"], "was started from another data set"),
+    ],
+)
+def test_continuing_with_other_options_is_refused_and_changes_nothing(
+    data, unfinished, tmp_path, options, fragment
+):
+    if "OTHER" in options:
+        options = ["--data-dir", make_dataset(tmp_path / "other", n_train=3000, n_test=200, seed=1)]
+    before = folder_state(unfinished)
+    result = run_program(*training(data, unfinished), *options)
+    assert_clean_failure(result, fragment.format(out=unfinished))
+    assert folder_state(unfinished) == before
+
+
+def test_overwrite_starts_over_and_resume_needs_an_unfinished_run(data, unfinished, tmp_path):
+    result = run_program(*training(data, unfinished), "--epochs", "1", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert "Continuing" not in result.stdout
+    assert finished(unfinished)["epochs_completed"] == 1
+    result = run_program(*training(data, unfinished), "--resume")
+    assert_clean_failure(result, f"--resume: {unfinished} holds no unfinished run")
+    result = run_program("--data-dir", data, "--resume", cwd=tmp_path)
+    assert_clean_failure(result, "--resume: no unfinished training run under runs/")
+
+
+def test_a_backup_holds_weights_adam_and_dropout_state_and_restores_them(tmp_path):
+    """In process: what is saved after an epoch comes back into a freshly built model, and a
+    failure between writing the weights and state.json leaves the previous backup usable."""
+    labels = np.arange(64) % 10
+    images = distinct_images(labels)
+    keras.utils.set_random_seed(0)
+    model = fm.build_model("float32", "improved", total_steps=4)
+    options = {"--seed": 0}
+    progress = fm.restore_or_start(model, tmp_path, "training", options, None)
+    epoch = lambda epoch: fm.batches(images, labels, 32, epoch_key=(0, epoch))  # noqa: E731
+    save = lambda progress: fm.save_backup(model, tmp_path, "training", options, progress)  # noqa: E731
+    progress, _ = fm.train(model, epoch, None, 1, tmp_path, progress, save)
+    state = [v.numpy() for v in model.variables + model.optimizer.variables]
+
+    def crash(*args):
+        raise OSError("the machine went away")
+
+    original, fm.save_json = fm.save_json, crash
+    try:  # epoch 2's weights are written, its state.json never is
+        with pytest.raises(OSError):
+            fm.train(model, epoch, None, 2, tmp_path, progress, save)
+    finally:
+        fm.save_json = original
+    keras.utils.set_random_seed(0)
+    fresh = fm.build_model("float32", "improved", total_steps=4)
+    backup = fm.read_backup(tmp_path, "training", options, 2)
+    assert backup["progress"]["epochs_completed"] == 1
+    fm.restore_or_start(fresh, tmp_path, "training", options, backup)
+    restored = [v.numpy() for v in fresh.variables + fresh.optimizer.variables]
+    assert len(restored) == len(state) and int(fresh.optimizer.iterations) == 2
+    for a, b in zip(state, restored):
+        assert np.array_equal(a, b)
+    assert len(fm.random_state(fresh)) == 2  # the two Dropout layers' seed state
+
+
+def test_finetune_killed_continues_to_the_unbroken_runs_numbers(unbroken, tmp_path):
+    photos = photo_folder(tmp_path / "photos", per_class=12, relabel=1)
+    model = unbroken["out"] / "model.keras"
+    command = ("finetune", model, photos, "--epochs", "8", "--out-dir")
+    result = run_program(*command, tmp_path / "whole", cores=CORES)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "killed"
+    kill_at((*command, out), "Epoch 5/8")
+    result = run_program(*command, out, cores=CORES)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"Continuing {out} from epoch ") and first.endswith(" of 8")
+    whole, continued = finished(tmp_path / "whole"), finished(out)
+    assert continued["continued_from_epoch"] >= 4
+    for key in ("before", "after", "history", "epochs_completed", "history.csv"):
+        assert continued[key] == whole[key], key
+    assert not (out / "backup").exists()
+    # The same folder, another model: refused, nothing changed.
+    kill_at((*command, tmp_path / "other"), "Epoch 2/8")
+    before = folder_state(tmp_path / "other")
+    fm.load_trained_model(model).save(tmp_path / "copy.keras")  # the same, saved anew: another file
+    result = run_program(
+        "finetune", tmp_path / "copy.keras", photos, "--out-dir", tmp_path / "other"
+    )
+    assert_clean_failure(result, "was started from another model")
+    assert folder_state(tmp_path / "other") == before
