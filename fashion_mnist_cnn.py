@@ -1168,7 +1168,7 @@ def restore_or_start(model, out_dir, command, options, backup):
         model.optimizer.build(model.trainable_variables)
     history = out_dir / "history.csv"
     if backup is None:
-        shutil.rmtree(out_dir / "backup", ignore_errors=True)
+        remove_backup(out_dir)
         history.unlink(missing_ok=True)
         progress = new_progress()
         save_backup(model, out_dir, command, options, progress)
@@ -1189,10 +1189,16 @@ def restore_or_start(model, out_dir, command, options, backup):
     return copy.deepcopy(backup["progress"])  # the backup stays as read: metrics.json cites it
 
 
+def remove_backup(out_dir):
+    # state.json first: without it there is no backup, whatever a kill leaves of the rest.
+    (out_dir / "backup" / "state.json").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "backup", ignore_errors=True)
+
+
 def finish_backup(out_dir, stop_signal, progress):
     """A finished run needs its backup no more; a stopped one keeps it, to be continued."""
     if stop_signal is None:
-        shutil.rmtree(out_dir / "backup")
+        remove_backup(out_dir)
     else:
         print(
             f"Run the same command again to continue from epoch {progress['epochs_completed'] + 1}."

@@ -34,6 +34,7 @@ OPTIONS = [
     "--seed",
     "--data-dir",
     "--out-dir",
+    "--resume",
     "--no-show",
     "--samples",
     "--precision",
@@ -89,6 +90,8 @@ def test_help_lists_every_option_with_defaults_without_tensorflow():
         (["finetune", "m.keras", "photos", "--holdout", "1"], "--holdout"),
         (["finetune", "m.keras", "photos", "--learning-rate", "-1"], "--learning-rate"),
         (["finetune", "m.keras", "photos", "--epochs", "0"], "--epochs"),
+        (["--resume", "--overwrite"], "--resume continues a run and --overwrite starts over"),
+        (["finetune", "m.keras", "photos", "--resume", "--overwrite"], "--overwrite starts over"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line_without_tensorflow(args, message):
