@@ -165,17 +165,7 @@ def parse_train_args(argv):
         default=None,
         help="where the model, metrics and figures go (default: a new runs/<timestamp>/)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over in an --out-dir that holds a run, finished or not (without it, an "
-        "unfinished run there is continued)",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the newest unfinished run under runs/, or --out-dir's",
-    )
+    add_continue_options(parser)
     parser.add_argument(
         "--samples",
         type=sample_index,
@@ -217,6 +207,21 @@ def parse_train_args(argv):
     if args.batch_size is None:
         args.batch_size = IMPROVED_BATCH_SIZE if args.arch == "improved" else BATCH_SIZE
     return args
+
+
+def add_continue_options(parser):
+    """--overwrite and --resume, alike for training and fine-tuning."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out-dir that holds a run, finished or not (without it, an "
+        "unfinished run there is continued)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest unfinished run under runs/, or --out-dir's",
+    )
 
 
 def refuse_resume_with_overwrite(parser, args):
@@ -274,17 +279,7 @@ def parse_finetune_args(argv):
         default=None,
         help="where the new model and metrics go (default: a new runs/<timestamp>-finetune/)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over in an --out-dir that holds a run, finished or not (without it, an "
-        "unfinished run there is continued)",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the newest unfinished run under runs/, or --out-dir's",
-    )
+    add_continue_options(parser)
     return refuse_resume_with_overwrite(parser, parser.parse_args(argv))
 
 
