@@ -2,14 +2,15 @@
 
     python benchmarks/photo_like.py make [--data-dir DIR] --split test --per-class 60 --out PHOTOS
     python benchmarks/photo_like.py score MODEL PHOTOS
+    python benchmarks/photo_like.py score MODEL ../shared/product-photos/shop   # real photos
 
 `make` turns real 28x28 images into photos as shops take them: a coloured item on a light, dark
 or coloured background, 100 to 2000 px, off-centre, slightly rotated, with sensor noise, mostly
 JPEG, some stored sideways with an EXIF orientation tag. They are written one folder per class,
 as `finetune` takes them. `--split test` draws on the test images (to measure on), `--split
 train` on the training images (to fine-tune on): a model never learns from the test part.
-`score` classifies every photo with `predict`'s preparation and prints the accuracy, overall and
-by background.
+`score` classifies every photo of a labelled folder (these, or real ones) with `predict`'s
+preparation and prints the accuracy, overall, by background where the names say it, and by class.
 """
 
 import argparse
@@ -104,12 +105,18 @@ def score(args):
     photos = fm.find_labelled_photos(args.photos)
     results = fm.predict_images(model, [path for path, _ in photos])
     right = {kind: [] for kind in BACKGROUNDS}
+    per_class = {name: [] for name in fm.CLASS_NAMES}
     for (path, label), result in zip(photos, results):
-        kind = path.stem.rsplit("-", 1)[1]
-        right[kind].append(result["top3"][0]["class"] == fm.CLASS_NAMES[label])
-    every = sum(right.values(), [])
+        hit = result["top3"][0]["class"] == fm.CLASS_NAMES[label]
+        right.get(path.stem.rsplit("-", 1)[-1], []).append(hit)  # made here: "-light" etc.
+        per_class[fm.CLASS_NAMES[label]].append(hit)
+    every = sum(per_class.values(), [])
     print(f"{args.model}: {np.mean(every):.1%} right of {len(every)} photos; " + ", ".join(
         f"{kind} background {np.mean(hits):.1%} ({len(hits)})" for kind, hits in right.items()
+        if hits
+    ))  # fmt: skip
+    print("  by class: " + ", ".join(
+        f"{name} {np.mean(hits):.0%}" for name, hits in per_class.items() if hits
     ))  # fmt: skip
     return float(np.mean(every))
 
