@@ -1229,8 +1229,12 @@ def load_trained_model(path):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def open_picture(path):
-    """A PNG or JPEG as an upright RGB image (EXIF rotation honoured), or one clear error."""
+def open_picture(path, at_least=None):
+    """A PNG or JPEG as an upright RGB image (EXIF rotation honoured), or one clear error.
+
+    With at_least, a JPEG is decoded at the smallest scale (1/2, 1/4 or 1/8) that keeps both of
+    its sides at least that long, which the decoder does almost for free: the turning and
+    converting that follow then work on that small image, not on a full-size copy."""
     import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -1244,6 +1248,8 @@ def open_picture(path):
             with Image.open(path) as image:
                 if image.format not in ("PNG", "JPEG"):
                     raise UserError(f"{path}: a {image.format} image, expected PNG or JPEG")
+                if at_least and image.format == "JPEG":
+                    image.draft("RGB", (at_least, at_least))
                 upright = ImageOps.exif_transpose(image)
                 if upright.has_transparency_data:  # a cut-out: put it on white, not black
                     white = Image.new("RGBA", upright.size, "white")
@@ -1267,7 +1273,8 @@ def prepare_image(path):
     colour less the background's own noise, and the item's contrast is stretched to 0-255."""
     from PIL import Image, ImageFilter, ImageOps
 
-    picture = open_picture(path)
+    # Decoded at 512 px or more, as Pillow's own thumbnail() would (its reducing_gap of 2).
+    picture = open_picture(path, at_least=512)
     picture.thumbnail((256, 256), Image.Resampling.BOX)  # averages away sensor noise, too
     pixels = np.asarray(picture, np.float32)
     edges = [pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:]]

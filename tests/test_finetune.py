@@ -69,9 +69,11 @@ def test_transparent_cutout_is_seen_on_white(tmp_path):
     assert prepared[6:22, 4:12].mean() > prepared[6:22, 16:24].mean() + 50
 
 
-def test_exif_rotation_is_honoured(tmp_path):
+@pytest.mark.parametrize("scale", [1, 12])  # 12: a 2400 px photo, decoded at a reduced scale
+def test_exif_rotation_is_honoured(tmp_path, scale):
     upright = np.full((200, 100, 3), 240, np.uint8)
     upright[20:180, 40:60] = 30  # a tall dark bar
+    upright = upright.repeat(scale, axis=0).repeat(scale, axis=1)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
     Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(
@@ -79,6 +81,17 @@ def test_exif_rotation_is_honoured(tmp_path):
     )
     rows, cols = np.nonzero(fm.prepare_image(tmp_path / "s.jpg") > 128)
     assert rows.max() - rows.min() > 2 * (cols.max() - cols.min())  # tall, as meant
+
+
+def test_a_large_jpeg_is_decoded_small_and_prepared_as_its_full_size_copy(tmp_path):
+    path = write_photo(tmp_path / "big.jpg", distinct_images(np.array([3]))[0], size=1800)
+    with Image.open(path) as image:
+        image.save(tmp_path / "big.png")  # the same pixels, which no decoder can shrink
+        full = min(image.size)
+    assert 512 <= min(fm.open_picture(path, at_least=512).size) <= full / 2
+    assert fm.open_picture(tmp_path / "big.png", at_least=512).size == image.size
+    shrunk, whole = fm.prepare_image(path), fm.prepare_image(tmp_path / "big.png")
+    assert np.abs(shrunk.astype(int) - whole).mean() < 3  # grey levels of 255
 
 
 @pytest.fixture(scope="module")
