@@ -12,7 +12,6 @@ and mistakes are answered at once; that is why some functions import it themselv
 
 import argparse
 import contextlib
-import copy
 import datetime
 import gzip
 import hashlib
@@ -821,7 +820,13 @@ def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, ba
 
 
 def new_progress():
-    return {"epochs_completed": 0, "history": {}, "train_seconds": 0.0, "backup_seconds": 0.0}
+    return {
+        "epochs_completed": 0,
+        "history": {},
+        "train_seconds": 0.0,
+        "backup_seconds": 0.0,
+        "continued_from_epoch": None,
+    }
 
 
 def evaluate(model, test_data, y_test):
@@ -1177,11 +1182,12 @@ def restore_or_start(model, out_dir, command, options, backup):
             f"{out_dir} cannot be continued: its backup does not fit this model ({error}); to "
             "start over, add --overwrite"
         ) from None
+    done = backup["progress"]["epochs_completed"]
     if history.exists():  # back to its rows of the completed epochs; CSVLogger appends to it
         rows = history.read_text().splitlines(keepends=True)
         with atomic_path(history) as temporary:
-            temporary.write_text("".join(rows[: 1 + backup["progress"]["epochs_completed"]]))
-    return copy.deepcopy(backup["progress"])  # the backup stays as read: metrics.json cites it
+            temporary.write_text("".join(rows[: 1 + done]))
+    return backup["progress"] | {"continued_from_epoch": done}
 
 
 def remove_backup(out_dir):
@@ -1563,7 +1569,7 @@ def run_training(args):
     } | {
         "epochs_completed": progress["epochs_completed"],
         "interrupted": stop_signal is not None,
-        "continued_from_epoch": backup["progress"]["epochs_completed"] if backup else None,
+        "continued_from_epoch": progress["continued_from_epoch"],
         "train_seconds": round(progress["train_seconds"], 1),
         "backup_seconds": round(progress["backup_seconds"], 2),
         "history": progress["history"],
@@ -1656,7 +1662,7 @@ def run_finetune(args):
         "photos_held_out": len(held_out),
         "epochs_completed": progress["epochs_completed"],
         "interrupted": stop_signal is not None,
-        "continued_from_epoch": backup["progress"]["epochs_completed"] if backup else None,
+        "continued_from_epoch": progress["continued_from_epoch"],
         "history": progress["history"],
         "config": vars(args) | {"keras": keras.__version__},
     }
