@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -1174,13 +1175,15 @@ def restore_or_start(model, out_dir, command, options, backup):
         save_backup(model, out_dir, command, options, progress)
         return progress
     try:
-        model.load_weights(out_dir / "backup" / backup["weights"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Keras only warns when it skips a part of the file
+            model.load_weights(out_dir / "backup" / backup["weights"])
         for variable, value in zip(random_state(model), backup["random_state"], strict=True):
             variable.assign(value)
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, Warning):  # Keras' reasons run to many lines
         raise UserError(
-            f"{out_dir} cannot be continued: its backup does not fit this model ({error}); to "
-            "start over, add --overwrite"
+            f"{out_dir} cannot be continued: its backup does not fit this model; to start over, "
+            "add --overwrite"
         ) from None
     done = backup["progress"]["epochs_completed"]
     if history.exists():  # back to its rows of the completed epochs; CSVLogger appends to it
@@ -1241,8 +1244,6 @@ def open_picture(path, at_least=None):
     With at_least, a JPEG is decoded at the smallest scale (1/2, 1/4 or 1/8) that keeps both of
     its sides at least that long, which the decoder does almost for free: the turning and
     converting that follow then work on that small image, not on a full-size copy."""
-    import warnings
-
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if path.is_dir():

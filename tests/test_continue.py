@@ -169,6 +169,13 @@ def truncate_weights(out):
     weights.write_bytes(weights.read_bytes()[:1000])
 
 
+def foreign_weights(out):
+    """Another model's weights, with the checksums made to match: only loading can tell."""
+    (weights,) = (out / "backup").glob("*.weights.h5")
+    fm.build_model("float32", "improved", total_steps=1).save_weights(weights)
+    edit_state(out, lambda state: state.update(weights_sha256=fm.file_sha256(weights)))
+
+
 @pytest.mark.parametrize(
     "damage, fragments",
     [
@@ -184,6 +191,7 @@ def truncate_weights(out):
         ),
         (lambda out: edit_state(out, lambda s: s.update(format=0)), ["another version"]),
         (lambda out: edit_state(out, lambda s: s.update(command="finetune")), ["finetune run"]),
+        (foreign_weights, ["its backup does not fit this model"]),
     ],
 )
 def test_damaged_or_foreign_backup_is_refused_and_left_alone(data, unfinished, damage, fragments):
