@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -247,9 +248,21 @@ def parse_predict_args(argv):
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument(
-        "--csv", type=Path, metavar="FILE", help="also write one row per image to FILE"
+        "--csv",
+        type=Path,
+        metavar="FILE",
+        help="write one row per image to FILE as they are done (replacing FILE), and print a "
+        "summary instead of a line per image",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the --csv FILE of a stopped run: images already in it are skipped",
+    )
+    args = parser.parse_args(argv)
+    if args.resume and not args.csv:
+        parser.error("--resume continues a --csv FILE: give the FILE")
+    return args
 
 
 def parse_finetune_args(argv):
@@ -754,18 +767,20 @@ STOP_SIGNALS = {signal.SIGINT: "Interrupted", signal.SIGTERM: "Terminated"}
 
 
 @contextlib.contextmanager
-def stop_gracefully(model):
+def stop_gracefully(model=None, then="finishing this step, then saving", file=None):
     """First Ctrl-C or SIGTERM: finish the current step, then stop training (what was learned
-    is still evaluated and saved). A second: quit at once; files already written stay whole,
-    being written atomically. state["signal"] says which signal stopped it, if any."""
+    is still evaluated and saved), or whatever `then` says the caller does when it sees
+    state["signal"] set. A second: quit at once; files already written stay whole, being
+    written atomically. state["signal"] says which signal stopped it, if any."""
     state = {"signal": None}
 
     def handle(signum, frame):
         state["signal"] = signum
-        model.stop_training = True
+        if model is not None:
+            model.stop_training = True
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, signal.SIG_DFL)
-        print(f"\n{STOP_SIGNALS[signum]}: finishing this step, then saving. Again to quit now.")
+        print(f"\n{STOP_SIGNALS[signum]}: {then}. Again to quit now.", file=file or sys.stdout)
 
     previous = {stop_signal: signal.signal(stop_signal, handle) for stop_signal in STOP_SIGNALS}
     try:
@@ -1238,12 +1253,13 @@ def load_trained_model(path):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def open_picture(path, at_least=None):
+def open_picture(path, fit=None):
     """A PNG or JPEG as an upright RGB image (EXIF rotation honoured), or one clear error.
 
-    With at_least, a JPEG is decoded at the smallest scale (1/2, 1/4 or 1/8) that keeps both of
-    its sides at least that long, which the decoder does almost for free: the turning and
-    converting that follow then work on that small image, not on a full-size copy."""
+    With fit, the picture is first shrunk to fit in fit x fit pixels (Pillow's thumbnail: a
+    JPEG is decoded at 1/2, 1/4 or 1/8 of its size, which its decoder does almost for free),
+    and only that small image is turned and converted: a catalogue photo of 2,400 px is never
+    copied at full size."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if path.is_dir():
@@ -1255,9 +1271,14 @@ def open_picture(path, at_least=None):
             with Image.open(path) as image:
                 if image.format not in ("PNG", "JPEG"):
                     raise UserError(f"{path}: a {image.format} image, expected PNG or JPEG")
-                if at_least and image.format == "JPEG":
-                    image.draft("RGB", (at_least, at_least))
-                upright = ImageOps.exif_transpose(image)
+                picture = image
+                if fit:
+                    if image.mode in ("1", "P"):  # shrinking these would pick, not average
+                        picture = image.convert("RGBA" if image.has_transparency_data else "RGB")
+                    # reducing_gap 1: decoded at the smallest scale of at least fit px (2 was
+                    # slower and no better on the photo-like shots)
+                    picture.thumbnail((fit, fit), Image.Resampling.BOX, reducing_gap=1.0)
+                upright = ImageOps.exif_transpose(picture)
                 if upright.has_transparency_data:  # a cut-out: put it on white, not black
                     white = Image.new("RGBA", upright.size, "white")
                     return Image.alpha_composite(white, upright.convert("RGBA")).convert("RGB")
@@ -1280,9 +1301,7 @@ def prepare_image(path):
     colour less the background's own noise, and the item's contrast is stretched to 0-255."""
     from PIL import Image, ImageFilter, ImageOps
 
-    # Decoded at 512 px or more, as Pillow's own thumbnail() would (its reducing_gap of 2).
-    picture = open_picture(path, at_least=512)
-    picture.thumbnail((256, 256), Image.Resampling.BOX)  # averages away sensor noise, too
+    picture = open_picture(path, fit=224)  # BOX shrinking averages away sensor noise, too
     pixels = np.asarray(picture, np.float32)
     edges = [pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:]]
     border = np.concatenate([edge.reshape(-1, 3) for edge in edges])
@@ -1306,8 +1325,8 @@ def prepare_image(path):
 
 
 def find_images(paths):
-    """The images named, each folder replaced by every PNG and JPEG under it, sorted; a folder
-    with none stays, to be reported."""
+    """The images named, each folder replaced by every PNG and JPEG under it, sorted, each image
+    once; a folder with none stays, to be reported."""
     found = []
     for path in paths:
         inside = []
@@ -1316,52 +1335,216 @@ def find_images(paths):
                 p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
             )
         found += inside or [path]
-    return found
+    return list(dict.fromkeys(found))  # a folder given inside another: its photos once
+
+
+# A catalogue of any size: photos are prepared on every core in order, a few batches ahead (so
+# memory stays flat), classified a batch at a time, and their rows written as they are done.
+PREDICT_BATCH = 64  # photos per model call and per flush of the CSV
+PREPARE_CHUNK = 8  # photos per task sent to a preparing process: fewer, cheaper hand-overs
+BATCHES_AHEAD = 16  # prepared or being prepared: at 784 bytes a photo, the window costs nothing
+PROGRESS_EVERY = 10  # seconds between progress lines when stderr is not a terminal
+CSV_HEADER = ["path", "class", "probability", "top3", "error"]
+
+
+def prepare_chunk(paths):
+    """In a preparing process: (image, None) or (None, error) for each path."""
+    prepared = []
+    for path in paths:
+        try:
+            prepared.append((prepare_image(path), None))
+        except UserError as error:
+            prepared.append((None, str(error)))
+    return prepared
+
+
+def leave_signals_to_the_main_process():
+    # Ctrl-C reaches the whole process group; the main process decides when to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def start_preparing(paths):
+    """Start preparing the photos on every core now (before TensorFlow loads, so the two
+    overlap); returns a generator of (path, image, error) in the order given. Processes, not
+    threads: they measured faster, and TensorFlow's import holds the GIL meanwhile."""
+    import collections
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    chunks = (paths[i : i + PREPARE_CHUNK] for i in range(0, len(paths), PREPARE_CHUNK))
+    # forkserver: workers forked from a clean process, never from one running TensorFlow.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    workers = max(1, min(cpu_cores(), math.ceil(len(paths) / PREPARE_CHUNK)))
+    pool = ProcessPoolExecutor(workers, context, leave_signals_to_the_main_process)
+    ahead = (BATCHES_AHEAD + 1) * PREDICT_BATCH // PREPARE_CHUNK
+    pending = collections.deque()
+
+    def submit_next():
+        for chunk in itertools.islice(chunks, 1):
+            pending.append((chunk, pool.submit(prepare_chunk, chunk)))
+
+    def in_order():
+        try:
+            while pending:
+                chunk, future = pending.popleft()
+                submit_next()
+                for path, (image, error) in zip(chunk, future.result()):
+                    yield path, image, error
+        except BrokenProcessPool:
+            raise UserError(
+                "a process preparing the photos was killed (out of memory?): run again; with "
+                "--csv, add --resume to keep the rows done"
+            ) from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    for _ in range(ahead):
+        submit_next()
+    return in_order()
+
+
+def top_three(probabilities):
+    top = np.argsort(probabilities)[::-1][:3]
+    return [{"class": CLASS_NAMES[i], "probability": float(probabilities[i])} for i in top]
+
+
+def classify_batches(model, prepared):
+    """(path, image, error) -> lists of results, a batch at a time: {"image", "top3"} for each
+    photo, {"image", "error"} for each that could not be read."""
+    while batch := list(itertools.islice(prepared, PREDICT_BATCH)):
+        images = [image for _, image, error in batch if error is None]
+        probabilities = iter(
+            model.predict_on_batch(scale_pixels(np.stack(images))) if images else []
+        )
+        yield [
+            {"image": str(path), "error": error}
+            if error
+            else {"image": str(path), "top3": top_three(next(probabilities))}
+            for path, _, error in batch
+        ]
 
 
 def predict_images(model, paths):
     """Top three classes per image; unreadable images are reported in place of a result."""
-    results, images = [], []
-    for path in paths:
-        try:
-            images.append(prepare_image(path))
-            results.append({"image": str(path)})
-        except UserError as error:
-            results.append({"image": str(path), "error": str(error)})
-    if images:  # one call for all: each predict call has a fixed cost
-        probabilities = iter(model.predict(scale_pixels(np.stack(images)), verbose=0))
-        for result in results:
-            if "error" not in result:
-                probs = next(probabilities)
-                top = np.argsort(probs)[::-1][:3]
-                result["top3"] = [
-                    {"class": CLASS_NAMES[i], "probability": float(probs[i])} for i in top
-                ]
-    return results
+    batches = classify_batches(model, start_preparing(paths))
+    return [result for batch in batches for result in batch]
 
 
-def save_predictions_csv(results, path):
-    """One row per image, for a catalogue: path, class, probability, the top three, any error."""
+def csv_row(result):
+    top = result.get("top3", [])
+    return [
+        result["image"],
+        top[0]["class"] if top else "",
+        f"{top[0]['probability']:.4f}" if top else "",
+        "; ".join(f"{c['class']} {c['probability']:.1%}" for c in top),
+        result.get("error", ""),
+    ]
+
+
+def print_result(result, each_line):
+    """An error on stderr (returns 1), or the top three on stdout if each_line (returns 0)."""
+    if "error" in result:
+        print(f"error: {result['error']}", file=sys.stderr)
+        return 1
+    if each_line:
+        top = ", ".join(f"{c['class']} {c['probability']:.1%}" for c in result["top3"])
+        print(f"{result['image']}: {top}", flush=True)
+    return 0
+
+
+def read_rows_done(path, paths):
+    """The rows that an interrupted run left in the CSV at path, checked against the photos to
+    classify now; (rows, bytes that hold them whole). A row cut off by the stop is left out."""
     import csv
-    import io
 
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["path", "class", "probability", "top3", "error"])
-    for result in results:
-        top = result.get("top3", [])
-        writer.writerow([
-            result["image"],
-            top[0]["class"] if top else "",
-            f"{top[0]['probability']:.4f}" if top else "",
-            "; ".join(f"{c['class']} {c['probability']:.1%}" for c in top),
-            result.get("error", ""),
-        ])  # fmt: skip
+    def refuse(reason):
+        raise UserError(
+            f"--resume: {path} {reason}; give another --csv, or leave out --resume to replace it"
+        )
+
+    if not path.exists():
+        return [], 0  # stopped before its first row: nothing to skip
     try:
-        with atomic_path(path) as temporary:
-            temporary.write_text(text.getvalue())
+        data = path.read_bytes()
+        text = data[: data.rfind(b"\n") + 1].decode()
+    except (OSError, UnicodeDecodeError) as error:
+        refuse(f"cannot be read as a CSV ({getattr(error, 'strerror', None) or error})")
+    try:
+        rows = list(csv.reader(text.splitlines()))
+    except csv.Error as error:
+        refuse(f"is damaged ({error})")
+    if rows[:1] != [CSV_HEADER]:
+        refuse("was not written by predict (its first line is not " + ",".join(CSV_HEADER) + ")")
+    rows, wanted, seen = rows[1:], {str(p) for p in paths}, set()
+    for number, row in enumerate(rows, start=2):
+        whole = len(row) == len(CSV_HEADER) and (
+            (row[1] in CLASS_NAMES and not row[4]) or (row[1] == "" and row[4])
+        )  # a class, or an error
+        if not whole:
+            refuse(f"is damaged at line {number}")
+        if row[0] not in wanted:
+            refuse(f"lists {row[0]}, which is not among the photos given: it is another run's")
+        if row[0] in seen:
+            refuse(f"lists {row[0]} twice")
+        seen.add(row[0])
+    return rows, len(text.encode())
+
+
+@contextlib.contextmanager
+def predictions_csv(path, resume_from=None):
+    """A CSV writer that rows go to as they are done, flushed by the caller after each batch.
+    resume_from: bytes of an interrupted run's rows to keep (anything after them, a row cut
+    off by the stop, is dropped); otherwise the file is replaced."""
+    import csv
+
+    try:
+        if resume_from:
+            file = path.open("r+", newline="")
+            file.truncate(resume_from)
+            file.seek(resume_from)
+        else:
+            file = path.open("w", newline="")
     except OSError as error:
         raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
+    with file:
+        writer = csv.writer(file)
+        if not resume_from:
+            writer.writerow(CSV_HEADER)
+            file.flush()
+        yield lambda rows: (writer.writerows(rows), file.flush())
+
+
+def progress_text(done, total, seconds):
+    rate = done / seconds if seconds > 0 else 0.0
+    left = (total - done) / rate if rate else 0.0
+    clock = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+    when = f"{clock.removeprefix('0:')} left" if done < total else f"done in {seconds:.0f} s"
+    return f"{done:,}/{total:,} photos, {rate:,.0f} a second, {when}"
+
+
+def show_progress(total, on_terminal, start):
+    """A function to call with the photos done so far: on a terminal, a bar rewritten in place;
+    elsewhere (a log), a line every PROGRESS_EVERY seconds and one at the end. Keras' Progbar
+    writes only to stdout, which holds the results."""
+    last = [start]
+
+    def update(done):
+        now = time.perf_counter()
+        seconds = now - start
+        if on_terminal:
+            filled = round(30 * done / max(total, 1))
+            bar = "=" * filled + " " * (30 - filled)
+            end = "\n" if done == total else ""
+            print(f"\r[{bar}] {progress_text(done, total, seconds)}", end=end, file=sys.stderr)
+        elif now - last[0] >= PROGRESS_EVERY or (done == total and last[0] > start):
+            last[0] = now  # (a run too short for a line does not get a last one either)
+            print(progress_text(done, total, seconds), file=sys.stderr)
+        sys.stderr.flush()
+
+    return update
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1591,20 +1774,54 @@ def run_training(args):
 
 
 def run_predict(args):
-    start_tensorflow_quietly()
-    model = load_trained_model(args.model)
-    results = predict_images(model, find_images(args.paths))
-    if args.csv:
-        save_predictions_csv(results, args.csv)
+    """photos -> prepared on every core while TensorFlow loads -> classified a batch at a time
+    -> rows written and progress shown as they are done."""
+    start = time.perf_counter()
+    paths = find_images(args.paths)
+    rows, rows_bytes = read_rows_done(args.csv, paths) if args.resume else ([], 0)
+    done_before = {row[0] for row in rows}
+    todo = [path for path in paths if str(path) not in done_before]
+    each_line = not (args.json or args.csv)  # today's output: a line per photo on stdout
+    on_terminal = sys.stderr.isatty()
+    quiet = each_line and on_terminal and sys.stdout.isatty()  # the lines show the progress
+    with contextlib.closing(start_preparing(todo)) as prepared:
+        start_tensorflow_quietly()
+        model = load_trained_model(args.model)
+        progress = show_progress(len(todo), on_terminal, start) if todo and not quiet else None
+        results, errors, done = [], 0, 0
+        write = predictions_csv(args.csv, rows_bytes) if args.csv else contextlib.nullcontext()
+        stopping = stop_gracefully(then="finishing this batch, then stopping", file=sys.stderr)
+        with write as write_rows, stopping as state:
+            for batch in classify_batches(model, prepared):
+                if write_rows:
+                    write_rows(csv_row(result) for result in batch)
+                for result in batch:
+                    errors += print_result(result, each_line)
+                results += batch if args.json else []  # (only --json holds them all)
+                done += len(batch)
+                if progress:
+                    progress(done)
+                if state["signal"]:
+                    break
+    seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps(results, indent=2))
-    for result in results:
-        if "error" in result:
-            print(f"error: {result['error']}", file=sys.stderr)
-        elif not args.json:
-            top = ", ".join(f"{c['class']} {c['probability']:.1%}" for c in result["top3"])
-            print(f"{result['image']}: {top}")
-    return 1 if any("error" in result for result in results) else 0
+    elif args.csv:
+        before = f"; {len(rows):,} were in it already" if rows else ""
+        print(
+            f"Classified {done - errors:,} of {done:,} photos in {seconds:.1f} s "
+            f"({done / max(seconds, 1e-9):,.0f} a second), {errors:,} could not be read; "
+            f"rows in {args.csv}{before}"
+        )
+    if state["signal"]:
+        where = (
+            f": rows so far are in {args.csv}; add --resume to classify the rest"
+            if args.csv
+            else ""
+        )
+        print(f"Stopped after {done:,} of {len(todo):,} photos{where}.", file=sys.stderr)
+        return 128 + state["signal"]
+    return 1 if errors or any(row[4] for row in rows) else 0
 
 
 def run_finetune(args):

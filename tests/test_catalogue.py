@@ -1,0 +1,244 @@
+"""predict on a catalogue: rows written as photos are done, progress, stopping and --resume."""
+
+import csv
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import photo_folder, run_program, start_program, write_photo
+from PIL import Image
+
+import fashion_mnist_cnn as fm
+
+keras = fm.start_tensorflow_quietly()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """An untrained model: what it predicts does not matter here, only that it is the same."""
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    fm.build_model("float32").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """20 photos in class folders, a PNG copy of one, and a file that is not a picture."""
+    folder = photo_folder(tmp_path_factory.mktemp("shop") / "photos", per_class=2)
+    (folder / "Bag" / "zz-broken.jpg").write_text("not a picture")
+    Image.open(a_bag(folder)).save(folder / "Bag" / "zz-more.png")
+    return folder
+
+
+def a_bag(folder):
+    return sorted((folder / "Bag").glob("*.jpg"))[0]
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.reader(file))
+
+
+def predict(*args):
+    return fm.main(["predict", *map(str, args)])
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    monkeypatch.setattr(fm, "PREDICT_BATCH", 4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model_path, photos, tmp_path_factory):
+    table = tmp_path_factory.mktemp("whole") / "all.csv"
+    assert predict(model_path, photos, "--csv", table) == 1  # the broken photo
+    return read_csv(table)
+
+
+def test_rows_are_written_as_photos_are_done(
+    model_path, photos, uninterrupted, small_batches, monkeypatch, tmp_path, capsys
+):
+    table, seen = tmp_path / "out.csv", []
+    classify = fm.classify_batches
+
+    def watching(model, prepared):
+        for batch in classify(model, prepared):
+            seen.append(len(read_csv(table)) - 1)  # rows already on disk before this batch
+            yield batch
+
+    monkeypatch.setattr(fm, "classify_batches", watching)
+    assert predict(model_path, photos, "--csv", table) == 1
+    assert seen == [0, 4, 8, 12, 16, 20]  # every batch's rows flushed before the next
+    assert read_csv(table) == uninterrupted
+    out, err = capsys.readouterr()
+    assert out.startswith("Classified 21 of 22 photos in ") and "1 could not be read" in out
+    assert err.strip().endswith("zz-broken.jpg: not a PNG or JPEG image")
+    broken = [row for row in uninterrupted if row[0].endswith("zz-broken.jpg")]
+    assert broken[0][1:4] == ["", "", ""] and "not a PNG or JPEG" in broken[0][4]
+
+
+def test_sigterm_finishes_the_batch_and_resume_gives_the_uninterrupted_rows(
+    model_path, photos, uninterrupted, small_batches, monkeypatch, tmp_path, capsys
+):
+    table, classify = tmp_path / "out.csv", fm.classify_batches
+
+    def terminated_during_the_second_batch(model, prepared):
+        for n, batch in enumerate(classify(model, prepared)):
+            if n == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(fm, "classify_batches", terminated_during_the_second_batch)
+    assert predict(model_path, photos, "--csv", table) == 128 + signal.SIGTERM
+    assert read_csv(table) == uninterrupted[: 1 + 8]  # the batch under way was finished
+    err = capsys.readouterr().err
+    assert "Terminated: finishing this batch" in err
+    assert "Stopped after 8 of 22 photos" in err and "--resume" in err
+
+    monkeypatch.setattr(fm, "classify_batches", classify)
+    assert predict(model_path, photos, "--csv", table, "--resume") == 1  # the broken photo
+    assert read_csv(table) == uninterrupted
+    assert "8 were in it already" in capsys.readouterr().out
+    assert predict(model_path, photos, "--csv", table, "--resume") == 1  # nothing left to do
+    assert read_csv(table) == uninterrupted
+
+
+def test_resume_drops_a_row_cut_off_by_a_kill(model_path, photos, uninterrupted, tmp_path):
+    table = tmp_path / "out.csv"
+    with open(table, "w", newline="") as file:
+        csv.writer(file).writerows(uninterrupted[:6])
+    text = table.read_text()
+    table.write_text(text + uninterrupted[6][0][:15])  # killed while writing a row
+    assert predict(model_path, photos, "--csv", table, "--resume") == 1
+    assert read_csv(table) == uninterrupted
+
+
+def test_without_resume_an_existing_csv_is_replaced(model_path, photos, uninterrupted, tmp_path):
+    table = tmp_path / "out.csv"
+    table.write_text("whatever was here\n")
+    assert predict(model_path, photos, "--csv", table) == 1
+    assert read_csv(table) == uninterrupted
+
+
+def write_rows(path, rows):
+    with open(path, "w", newline="") as file:
+        csv.writer(file).writerows(rows)
+
+
+def csv_of_another_folder(path, rows):
+    write_rows(path, [rows[0]] + [[r[0].replace("photos", "elsewhere"), *r[1:]] for r in rows[1:3]])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (csv_of_another_folder, "not among the photos given"),
+        (lambda path, rows: path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe binary\n"), "cannot be"),
+        (lambda path, rows: path.write_text("name,label\na.jpg,Bag\n"), "not written by predict"),
+        (lambda path, rows: path.write_text(",".join(rows[0]) + "\nx.jpg,Hat,1\n"), "damaged"),
+        (lambda path, rows: path.write_text(",".join(rows[0]) + '\n"a.jpg\n'), "damaged"),
+        (lambda path, rows: write_rows(path, [rows[0], rows[1], rows[1]]), "twice"),
+    ],
+)
+def test_a_csv_that_cannot_be_continued_is_refused_and_left_alone(
+    model_path, photos, uninterrupted, tmp_path, capsys, damage, message
+):
+    table = tmp_path / "out.csv"
+    damage(table, uninterrupted)
+    before = table.read_bytes()
+    assert predict(model_path, photos, "--csv", table, "--resume") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "--resume" in err[0], err
+    assert table.read_bytes() == before
+
+
+def test_progress_off_a_terminal_is_a_line_now_and_then_on_stderr(
+    model_path, photos, small_batches, monkeypatch, capsys
+):
+    monkeypatch.setattr(fm, "PROGRESS_EVERY", 0)  # a line after every batch
+    assert predict(model_path, photos, "--json") == 1
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)) == 22  # stdout holds the results alone
+    progress = [line for line in err.splitlines() if " photos, " in line]
+    assert progress[0].startswith("4/22 photos, ") and progress[0].endswith(" left")
+    assert progress[-1].startswith("22/22 photos, ") and " a second, done in " in progress[-1]
+    assert len(progress) == 6
+
+
+def test_a_short_run_prints_no_progress(model_path, photos, capsys):
+    assert predict(model_path, a_bag(photos)) == 0
+    out, err = capsys.readouterr()
+    assert out.count("%") == 3 and err == ""
+
+
+def test_the_same_photo_named_twice_is_classified_once(model_path, photos, capsys):
+    assert predict(model_path, photos / "Bag", a_bag(photos), "--json") == 1
+    assert len(json.loads(capsys.readouterr().out)) == 4  # 2 photos, 1 copy, 1 broken
+
+
+def start_on_a_catalogue(model_path, tmp_path):
+    """predict started on 1,500 photos (links to one shot: a large catalogue without writing
+    1,500 files), once its first rows are in the CSV; returns the process, folder and CSV."""
+    shot = write_photo(tmp_path / "shot.jpg", np.full((28, 28), 200, np.uint8), size=700)
+    folder = tmp_path / "catalogue"
+    folder.mkdir()
+    for n in range(1500):
+        (folder / f"{n:04d}.jpg").symlink_to(shot)
+    table = tmp_path / "out.csv"
+    process = start_program("predict", model_path, folder, "--csv", table)
+    deadline = time.monotonic() + 120
+    while not (table.exists() and len(table.read_text().splitlines()) > 1):
+        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    return process, folder, table
+
+
+def cmdline(pid):
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def children(pid):
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_sigterm_to_the_program_leaves_a_valid_csv_and_resume_completes_it(model_path, tmp_path):
+    """As a user's scheduler stops it: a real SIGTERM to the process, mid-catalogue."""
+    process, folder, table = start_on_a_catalogue(model_path, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    rows = read_csv(table)
+    assert rows[0] == fm.CSV_HEADER and 1 < len(rows) - 1 < 1500, len(rows)
+    names = [str(folder / f"{n:04d}.jpg") for n in range(1500)]
+    assert [row[0] for row in rows[1:]] == names[: len(rows) - 1]  # in order, none cut off
+    assert "Traceback" not in err and "add --resume to classify the rest" in err
+
+    result = run_program("predict", model_path, folder, "--csv", table, "--resume")
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(table)
+    assert [row[0] for row in rows[1:]] == names
+    assert len({row[1] for row in rows[1:]}) == 1  # the same shot, the same class
+
+
+def test_resume_needs_a_csv():
+    result = run_program("predict", "model.keras", "photos", "--resume")
+    assert result.returncode == 2 and "--resume continues a --csv FILE" in result.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_a_preparing_process_killed_is_one_clear_line_and_the_rows_done_stay(model_path, tmp_path):
+    process, folder, table = start_on_a_catalogue(model_path, tmp_path)
+    (server,) = [p for p in children(process.pid) if b"forkserver" in cmdline(p)]
+    for pid in children(server):  # the preparing processes, as the OOM killer would
+        os.kill(pid, signal.SIGKILL)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: a process preparing the photos was")
+    rows = read_csv(table)
+    names = [str(folder / f"{n:04d}.jpg") for n in range(1500)]
+    assert rows[0] == fm.CSV_HEADER and [row[0] for row in rows[1:]] == names[: len(rows) - 1]
