@@ -32,8 +32,9 @@ def random_colour(rng, value):
     return np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255
 
 
-def make_photo(image, rng):
-    """One 28x28 item (light on dark, as in the data set) as a photo; returns it and its kind."""
+def make_photo(image, rng, sides=(100, 2000)):
+    """One 28x28 item (light on dark, as in the data set) as a photo, each side within `sides`
+    pixels; returns it and its kind."""
     kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     background = {
         "light": lambda: np.full(3, rng.uniform(205, 250)) + rng.normal(0, 4, 3),
@@ -44,8 +45,8 @@ def make_photo(image, rng):
 
     # The data set's pixel is the darkness of the item in its original photo on white: use it as
     # the item's opacity near its outline and as shading inside it.
-    height = int(rng.integers(100, 2001))
-    width = int(np.clip(height * rng.uniform(0.75, 1.33), 100, 2000))
+    height = int(rng.integers(sides[0], sides[1] + 1))
+    width = int(np.clip(height * rng.uniform(0.75, 1.33), *sides))
     size = int(min(height, width) * rng.uniform(0.5, 0.85))
     darkness = (
         np.asarray(
@@ -70,7 +71,7 @@ def make_photo(image, rng):
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), kind
 
 
-def save_photo(photo, path, rng):
+def save_photo(photo, path, rng, qualities=(70, 95)):
     """Mostly JPEG of varied quality, some PNG; some stored sideways with an EXIF tag saying so."""
     exif = Image.Exif()
     if rng.uniform() < 0.15:
@@ -78,7 +79,7 @@ def save_photo(photo, path, rng):
         exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
     if rng.uniform() < 0.8:
         path = path.with_suffix(".jpg")
-        photo.save(path, quality=int(rng.integers(70, 96)), exif=exif)
+        photo.save(path, quality=int(rng.integers(qualities[0], qualities[1] + 1)), exif=exif)
     else:
         path = path.with_suffix(".png")
         photo.save(path, exif=exif)
