@@ -1459,6 +1459,7 @@ def read_rows_done(path, paths):
     """The rows that an interrupted run left in the CSV at path, checked against the photos to
     classify now; (rows, bytes that hold them whole). A row cut off by the stop is left out."""
     import csv
+    import io
 
     def refuse(reason):
         raise UserError(
@@ -1473,7 +1474,7 @@ def read_rows_done(path, paths):
     except (OSError, UnicodeDecodeError) as error:
         refuse(f"cannot be read as a CSV ({getattr(error, 'strerror', None) or error})")
     try:
-        rows = list(csv.reader(text.splitlines()))
+        rows = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as error:
         refuse(f"is damaged ({error})")
     if rows[:1] != [CSV_HEADER]:
@@ -1502,11 +1503,11 @@ def predictions_csv(path, resume_from=None):
 
     try:
         if resume_from:
-            file = path.open("r+", newline="")
+            file = path.open("r+", newline="", encoding="utf-8")
             file.truncate(resume_from)
             file.seek(resume_from)
         else:
-            file = path.open("w", newline="")
+            file = path.open("w", newline="", encoding="utf-8")
     except OSError as error:
         raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
     with file:
