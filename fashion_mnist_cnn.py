@@ -1512,10 +1512,36 @@ def predictions_csv(path, resume_from=None):
         raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
     with file:
         writer = csv.writer(file)
-        if not resume_from:
-            writer.writerow(CSV_HEADER)
+
+        def write_rows(rows):
+            writer.writerows(rows)
             file.flush()
-        yield lambda rows: (writer.writerows(rows), file.flush())
+
+        if not resume_from:
+            write_rows([CSV_HEADER])
+        yield write_rows
+
+
+def classify_catalogue(model, prepared, args, rows_bytes, each_line, progress):
+    """Classify the prepared photos a batch at a time, writing each batch's rows to --csv and
+    printing its lines as it is done, until the last batch or a stop signal (which lets the
+    batch under way finish). Returns the results (kept for --json only), the photos done, how
+    many of them could not be read, and the signal that stopped it, if any."""
+    results, done, errors = [], 0, 0
+    write = predictions_csv(args.csv, rows_bytes) if args.csv else contextlib.nullcontext()
+    stopping = stop_gracefully(then="finishing this batch, then stopping", file=sys.stderr)
+    with write as write_rows, stopping as state:
+        for batch in classify_batches(model, prepared):
+            if write_rows:
+                write_rows(csv_row(result) for result in batch)
+            errors += sum(print_result(result, each_line) for result in batch)
+            results += batch if args.json else []
+            done += len(batch)
+            if progress:
+                progress(done)
+            if state["signal"]:
+                break
+    return results, done, errors, state["signal"]
 
 
 def progress_text(done, total, seconds):
@@ -1776,34 +1802,22 @@ def run_training(args):
 
 def run_predict(args):
     """photos -> prepared on every core while TensorFlow loads -> classified a batch at a time
-    -> rows written and progress shown as they are done."""
+    -> rows written and progress shown as they are done -> a summary."""
     start = time.perf_counter()
     paths = find_images(args.paths)
     rows, rows_bytes = read_rows_done(args.csv, paths) if args.resume else ([], 0)
     done_before = {row[0] for row in rows}
     todo = [path for path in paths if str(path) not in done_before]
-    each_line = not (args.json or args.csv)  # today's output: a line per photo on stdout
+    each_line = not (args.json or args.csv)  # a line per photo on stdout, as without a CSV
     on_terminal = sys.stderr.isatty()
     quiet = each_line and on_terminal and sys.stdout.isatty()  # the lines show the progress
     with contextlib.closing(start_preparing(todo)) as prepared:
         start_tensorflow_quietly()
         model = load_trained_model(args.model)
         progress = show_progress(len(todo), on_terminal, start) if todo and not quiet else None
-        results, errors, done = [], 0, 0
-        write = predictions_csv(args.csv, rows_bytes) if args.csv else contextlib.nullcontext()
-        stopping = stop_gracefully(then="finishing this batch, then stopping", file=sys.stderr)
-        with write as write_rows, stopping as state:
-            for batch in classify_batches(model, prepared):
-                if write_rows:
-                    write_rows(csv_row(result) for result in batch)
-                for result in batch:
-                    errors += print_result(result, each_line)
-                results += batch if args.json else []  # (only --json holds them all)
-                done += len(batch)
-                if progress:
-                    progress(done)
-                if state["signal"]:
-                    break
+        results, done, errors, stop_signal = classify_catalogue(
+            model, prepared, args, rows_bytes, each_line, progress
+        )
     seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps(results, indent=2))
@@ -1814,14 +1828,12 @@ def run_predict(args):
             f"({done / max(seconds, 1e-9):,.0f} a second), {errors:,} could not be read; "
             f"rows in {args.csv}{before}"
         )
-    if state["signal"]:
-        where = (
-            f": rows so far are in {args.csv}; add --resume to classify the rest"
-            if args.csv
-            else ""
-        )
-        print(f"Stopped after {done:,} of {len(todo):,} photos{where}.", file=sys.stderr)
-        return 128 + state["signal"]
+    if stop_signal:
+        line = f"Stopped after {done:,} of {len(todo):,} photos"
+        if args.csv:
+            line += f": rows so far are in {args.csv}; add --resume to classify the rest"
+        print(f"{line}.", file=sys.stderr)
+        return 128 + stop_signal
     return 1 if errors or any(row[4] for row in rows) else 0
 
 

@@ -158,12 +158,11 @@ def timed(command, memory=False):
     return {"wall": wall, "cpu": cpu, "peak": peak}
 
 
-def accuracy(csv_path):
-    """Share of rows whose class is the one named by the photo's folder."""
-    folders = {name.replace("/", "-"): name for name in fm.CLASS_NAMES}
+def accuracy(csv_path, folder):
+    """Share of rows whose class is the one named by the photo's class folder."""
+    truth = {str(path): fm.CLASS_NAMES[label] for path, label in fm.find_labelled_photos(folder)}
     with open(csv_path, newline="") as file:
-        rows = list(csv.DictReader(file))
-    return np.mean([folders[Path(row["path"]).parent.name] == row["class"] for row in rows])
+        return np.mean([truth[row["path"]] == row["class"] for row in csv.DictReader(file)])
 
 
 def sides(args, work):
@@ -222,7 +221,7 @@ def main():
         for name, command in commands.items():
             best[name]["peak"] = timed(command, memory=True)["peak"]
         for name, csv_name in zip(commands, ["now.csv", "baseline.csv", "loop.csv"]):
-            best[name]["accuracy"] = accuracy(work / csv_name)
+            best[name]["accuracy"] = accuracy(work / csv_name, args.folder)
 
         now = best["this checkout"]
         print(f"\n{count} photos, fastest of {args.rounds} rounds each:")

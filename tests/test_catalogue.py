@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import photo_folder, run_program, start_program, write_photo
+from conftest import assert_clean_failure, photo_folder, run_program, start_program, write_photo
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -155,6 +155,13 @@ def test_a_csv_that_cannot_be_continued_is_refused_and_left_alone(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "--resume" in err[0], err
     assert table.read_bytes() == before
+
+
+def test_resume_from_a_csv_that_is_a_folder_is_one_clear_line(model_path, photos, tmp_path):
+    (tmp_path / "out.csv").mkdir()
+    result = run_program("predict", model_path, photos, "--csv", tmp_path / "out.csv", "--resume")
+    assert_clean_failure(result, "--resume", "cannot be read as a csv")
+    assert (tmp_path / "out.csv").is_dir()
 
 
 def test_progress_off_a_terminal_is_a_line_now_and_then_on_stderr(
