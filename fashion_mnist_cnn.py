@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -48,10 +49,17 @@ EVAL_BATCH_SIZE = 256  # validation and test passes only: same numbers, fewer st
 IMPROVED_BATCH_SIZE = 256
 IMPROVED_LEARNING_RATE = 0.005
 
-# Fine-tuning on your own photos (`finetune`): chosen on photo-like shots (benchmarks/README.md).
-FINETUNE_EPOCHS = 30
-FINETUNE_LEARNING_RATE = 0.0001
+# Fine-tuning on your own photos (`finetune`): chosen on real shop photos, each photo mirrored
+# at random as shops show shoes pointing either way (benchmarks/README.md).
+FINETUNE_EPOCHS = 120
+FINETUNE_LEARNING_RATE = 0.001
 FINETUNE_HOLDOUT = 0.2  # share of each class's photos kept back to measure on
+
+# `finetune --backbone`: a network pre-trained on ImageNet sees the colour photo, and a new
+# 10-class layer learns from what it sees; chosen on real shop photos (benchmarks/README.md).
+BACKBONE_EPOCHS = 100  # the new layer alone learns fast: 100 epochs of 400 photos take seconds
+BACKBONE_LEARNING_RATE = 0.001
+BACKBONE_SIZE = 224  # the input the ImageNet weights were made for
 
 CLASS_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -107,6 +115,16 @@ def fraction(text):
         value = math.nan
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def share(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to below 1, got {text!r}")
     return value
 
 
@@ -268,22 +286,39 @@ def parse_predict_args(argv):
 def parse_finetune_args(argv):
     parser = ArgumentParser(
         prog="fashion_mnist_cnn.py finetune",
-        description="Adapt a trained model to your own labelled photos. FOLDER holds one "
-        "subfolder per class, named after it (case, spaces and punctuation ignored: "
-        "t-shirt_top, Ankle boot); classes without photos may be left out.",
+        description="Adapt a trained model to your own labelled photos, or with --backbone "
+        "train one for them on a network pre-trained on ImageNet (better on real photos). "
+        "FOLDER holds one subfolder per class, named after it (case, spaces and punctuation "
+        "ignored: t-shirt_top, Ankle boot); classes without photos may be left out.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("model", type=Path, help="a model.keras written by a run")
-    parser.add_argument("folder", type=Path, help="the labelled photos, a subfolder per class")
-    parser.add_argument("--epochs", type=positive_int, default=FINETUNE_EPOCHS, help="epochs")
     parser.add_argument(
-        "--learning-rate", type=fraction, default=FINETUNE_LEARNING_RATE, help="Adam's rate"
+        "model", type=Path, nargs="?", help="a model.keras written by a run (not with --backbone)"
+    )
+    parser.add_argument("folder", type=Path, help="the labelled photos, a subfolder per class")
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(BACKBONES),
+        help="instead of MODEL, Keras' ImageNet network of that name sees the colour photos "
+        "and a new last layer is trained (weights downloaded once into the Keras cache)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        help=f"epochs (default: {FINETUNE_EPOCHS}, or {BACKBONE_EPOCHS} with --backbone)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=fraction,
+        help=f"Adam's rate (default: {FINETUNE_LEARNING_RATE}, or {BACKBONE_LEARNING_RATE} "
+        "with --backbone)",
     )
     parser.add_argument(
         "--holdout",
-        type=fraction,
+        type=share,
         default=FINETUNE_HOLDOUT,
-        help="share of each class's photos held out to measure before and after",
+        help="share of each class's photos held out to measure before and after (0: tune on "
+        "all of them, measure nothing)",
     )
     parser.add_argument("--seed", type=seed_value, default=SEED, help="random seed")
     parser.add_argument(
@@ -293,7 +328,16 @@ def parse_finetune_args(argv):
         help="where the new model and metrics go (default: a new runs/<timestamp>-finetune/)",
     )
     add_continue_options(parser)
-    return refuse_resume_with_overwrite(parser, parser.parse_args(argv))
+    args = refuse_resume_with_overwrite(parser, parser.parse_args(argv))
+    if args.backbone and args.model:
+        parser.error("--backbone trains a new model on the photos: leave out MODEL")
+    if not args.backbone and not args.model:
+        parser.error("give the MODEL to adapt and the FOLDER of photos, or --backbone NAME FOLDER")
+    if args.epochs is None:
+        args.epochs = BACKBONE_EPOCHS if args.backbone else FINETUNE_EPOCHS
+    if args.learning_rate is None:
+        args.learning_rate = BACKBONE_LEARNING_RATE if args.backbone else FINETUNE_LEARNING_RATE
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,8 +537,10 @@ def mirror_at_random(images, key):
 
 
 def scale_pixels(images):
-    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]: what the model takes."""
-    return images[..., np.newaxis].astype(np.float32) / 255.0
+    """uint8 -> float32 in [0, 1], what the models take: (N, 28, 28) gets its channel axis,
+    colour photos (N, 224, 224, 3) have theirs."""
+    images = images[..., np.newaxis] if images.ndim == 3 else images
+    return images.astype(np.float32) / 255.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1229,7 +1275,8 @@ def finish_backup(out_dir, stop_signal, progress):
 
 
 def load_trained_model(path):
-    """A model.keras from a training run, refused unless it maps 28x28x1 images to 10 classes."""
+    """A model.keras from a run, refused unless it maps 28x28x1 images (a training run's) or
+    224x224 colour photos (finetune --backbone's) to 10 classes."""
     import keras
 
     if not path.is_file():
@@ -1242,12 +1289,24 @@ def load_trained_model(path):
         raise UserError(f"{path}: not a usable Keras model file ({reason[:200]})") from None
     input_shape = tuple(getattr(model, "input_shape", ()) or ())
     output_shape = tuple(getattr(model, "output_shape", ()) or ())
-    if input_shape[1:] != (28, 28, 1) or output_shape[1:] != (10,):
+    if input_shape[1:] not in INPUT_SHAPES or output_shape[1:] != (10,):
         raise UserError(
             f"{path}: this model maps {input_shape[1:]} to {output_shape[1:]}, not a 28x28x1 "
-            "image to 10 Fashion-MNIST classes"
+            f"image or a {BACKBONE_SIZE}x{BACKBONE_SIZE} colour photo to 10 Fashion-MNIST classes"
         )
     return model
+
+
+def declared_input_shape(path):
+    """The input a model.keras file says it takes, read from its config without TensorFlow, so
+    that photos can be prepared for it while TensorFlow loads; None if it cannot be read (then
+    load_trained_model says why)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+        return tuple(config["build_config"]["input_shape"][1:])
+    except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError):
+        return None
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -1303,8 +1362,7 @@ def prepare_image(path):
 
     picture = open_picture(path, fit=224)  # BOX shrinking averages away sensor noise, too
     pixels = np.asarray(picture, np.float32)
-    edges = [pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:]]
-    border = np.concatenate([edge.reshape(-1, 3) for edge in edges])
+    border = border_pixels(pixels)
     background = np.median(border, axis=0)
     # Distance from the background colour: for a dark item on white, exactly the negative.
     distance = np.linalg.norm(pixels - background, axis=-1) / np.sqrt(3)
@@ -1322,6 +1380,29 @@ def prepare_image(path):
     top = max(float(np.percentile(np.asarray(grey), 99.5)), 1.0)
     grey = grey.point(lambda v: min(255, round(v * 255 / top)))
     return np.asarray(ImageOps.pad(grey, (28, 28), color=0))
+
+
+def border_pixels(pixels):
+    """The colours of an (H, W, 3) photo's outer two rows and columns: its background, mostly."""
+    edges = [pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:]]
+    return np.concatenate([edge.reshape(-1, 3) for edge in edges])
+
+
+def prepare_colour(path):
+    """A product photo -> uint8 224x224x3 for a --backbone model: the whole photo in colour,
+    as ImageNet's photos were seen, its longest side 224, made square with its own background
+    colour rather than bars."""
+    from PIL import Image, ImageOps
+
+    picture = open_picture(path, fit=BACKBONE_SIZE)
+    background = tuple(int(v) for v in np.median(border_pixels(np.asarray(picture)), axis=0))
+    size = (BACKBONE_SIZE, BACKBONE_SIZE)
+    return np.asarray(ImageOps.pad(picture, size, Image.Resampling.BILINEAR, color=background))
+
+
+# Each kind of model gets its photos prepared as it was trained on them.
+PREPARATIONS = {(28, 28, 1): prepare_image, (BACKBONE_SIZE, BACKBONE_SIZE, 3): prepare_colour}
+INPUT_SHAPES = set(PREPARATIONS)
 
 
 def find_images(paths):
@@ -1347,12 +1428,12 @@ PROGRESS_EVERY = 10  # seconds between progress lines when stderr is not a termi
 CSV_HEADER = ["path", "class", "probability", "top3", "error"]
 
 
-def prepare_chunk(paths):
+def prepare_chunk(paths, prepare):
     """In a preparing process: (image, None) or (None, error) for each path."""
     prepared = []
     for path in paths:
         try:
-            prepared.append((prepare_image(path), None))
+            prepared.append((prepare(path), None))
         except UserError as error:
             prepared.append((None, str(error)))
     return prepared
@@ -1364,7 +1445,7 @@ def leave_signals_to_the_main_process():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def start_preparing(paths):
+def start_preparing(paths, prepare=prepare_image):
     """Start preparing the photos on every core now (before TensorFlow loads, so the two
     overlap); returns a generator of (path, image, error) in the order given. Processes, not
     threads: they measured faster, and TensorFlow's import holds the GIL meanwhile."""
@@ -1384,7 +1465,7 @@ def start_preparing(paths):
 
     def submit_next():
         for chunk in itertools.islice(chunks, 1):
-            pending.append((chunk, pool.submit(prepare_chunk, chunk)))
+            pending.append((chunk, pool.submit(prepare_chunk, chunk, prepare)))
 
     def in_order():
         try:
@@ -1429,7 +1510,8 @@ def classify_batches(model, prepared):
 
 def predict_images(model, paths):
     """Top three classes per image; unreadable images are reported in place of a result."""
-    batches = classify_batches(model, start_preparing(paths))
+    prepare = PREPARATIONS[tuple(model.input_shape[1:])]
+    batches = classify_batches(model, start_preparing(paths, prepare))
     return [result for batch in batches for result in batch]
 
 
@@ -1623,7 +1705,9 @@ def find_labelled_photos(folder):
 
 def hold_out_photos(labels, holdout, seed):
     """Indices to fine-tune on and to measure on: each class's share held out, fixed by the
-    seed, at least one photo of each class on each side."""
+    seed, at least one photo of each class on each side (none held out with holdout 0)."""
+    if holdout == 0:
+        return np.arange(len(labels)), np.array([], int)
     rng = np.random.default_rng(seed)
     tune, held_out = [], []
     for label in np.unique(labels):
@@ -1640,8 +1724,14 @@ def hold_out_photos(labels, holdout, seed):
 
 
 def photo_accuracy(model, images, labels):
-    """Accuracy overall and per class present, and the confusion matrix, on prepared photos."""
-    predicted = model.predict(scale_pixels(images), verbose=0).argmax(axis=1)
+    """Accuracy overall and per class present, and the confusion matrix, on prepared photos,
+    classified as predict does."""
+    predicted = np.concatenate(
+        [
+            model.predict_on_batch(scale_pixels(images[i : i + PREDICT_BATCH])).argmax(axis=1)
+            for i in range(0, len(images), PREDICT_BATCH)
+        ]
+    )
     confusion = confusion_matrix(labels, predicted)
     per_class = {
         CLASS_NAMES[c]: round(float(confusion[c, c] / confusion[c].sum()), 4)
@@ -1656,9 +1746,8 @@ def photo_accuracy(model, images, labels):
 
 
 def compile_for_finetuning(model, learning_rate):
-    """The whole model is trained a little further on the photos, gently (by default at a
-    tenth of Adam's usual rate), so that tens of photos a class adjust it without undoing what
-    it learned."""
+    """Adam for what learns from the photos: the whole model, trained further from what it
+    learned on Fashion-MNIST, or a new last layer on a frozen ImageNet network."""
     import keras
 
     model.compile(
@@ -1666,6 +1755,98 @@ def compile_for_finetuning(model, learning_rate):
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer learning: a network pre-trained on ImageNet sees the photos (finetune --backbone)
+
+# Keras Applications' two smallest: name -> (network, width, weights file, its sha256). Keras
+# checks no hash for these files, so we pass one; we fetch the file as Keras would.
+BACKBONES = {
+    "mobilenet_v2": (
+        "MobileNetV2",
+        0.35,
+        "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5",
+        "df1c3db1d0d9193719c4c70f707c56f7021f999f825bdc57454c275cf6def19f",
+    ),
+    "mobilenet": (
+        "MobileNet",
+        0.25,
+        "mobilenet/mobilenet_2_5_224_tf_no_top.h5",
+        "dbdb03ee2a22fd895301636cd328b234bb3a9952358f436d82f46b81e0d5b0bf",
+    ),
+}
+KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+def backbone_weights(name):
+    """The ImageNet weights file, downloaded once into the Keras cache and checked."""
+    import keras
+
+    _, _, file, sha256 = BACKBONES[name]
+    file_name = file.rpartition("/")[2]
+    try:
+        return keras.utils.get_file(
+            file_name, KERAS_APPLICATIONS + file, file_hash=sha256, cache_subdir="models"
+        )
+    except Exception as error:  # get_file raises bare Exceptions for network failures
+        reason = str(error).splitlines()[0].rpartition(" -- ")[2]
+        cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+        raise UserError(
+            f"could not download {file_name} ({reason}). Without internet, put that file "
+            f"(from {KERAS_APPLICATIONS + file}) in {cache}/"
+        ) from None
+
+
+def build_transfer_model(name):
+    """(model, backbone, head): the ImageNet network, frozen, and a new 10-class layer on what
+    it sees. The model takes [0, 1] colour photos like the other models; the backbone wants
+    [-1, 1]."""
+    import keras
+
+    network, alpha, _, _ = BACKBONES[name]
+    size = (BACKBONE_SIZE, BACKBONE_SIZE, 3)
+    backbone = getattr(keras.applications, network)(
+        input_shape=size, alpha=alpha, include_top=False, weights=backbone_weights(name),
+        pooling="avg",
+    )  # fmt: skip
+    backbone.trainable = False  # tuning its top measured no better (benchmarks/README.md)
+    head = keras.Sequential(
+        [
+            keras.Input(backbone.output_shape[1:]),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10, activation="softmax"),
+        ],
+        name="head",
+    )
+    model = keras.Sequential(
+        [keras.Input(size), keras.layers.Rescaling(2.0, offset=-1.0), backbone, head],
+        name=f"{name}_fashion",
+    )
+    return model, backbone, head
+
+
+def photo_features(model, images):
+    """What the frozen backbone sees in each photo and then in each mirror image (so the new
+    layer learns shoes pointing either way), computed once: the new layer trains in seconds."""
+    import keras
+
+    extractor = keras.Sequential([keras.Input(model.input_shape[1:]), *model.layers[:-1]])
+    return np.concatenate(
+        [
+            extractor.predict_on_batch(scale_pixels(x[i : i + PREDICT_BATCH]))
+            for x in (images, images[:, :, ::-1])
+            for i in range(0, len(x), PREDICT_BATCH)
+        ]
+    )
+
+
+def feature_batches(features, labels, seed, epoch):
+    """An epoch of (features, labels) batches in an order drawn from (seed, epoch) alone."""
+    import tensorflow as tf
+
+    order = np.random.default_rng((seed, epoch)).permutation(len(labels))
+    return tf.data.Dataset.from_tensor_slices((features[order], labels[order])).batch(BATCH_SIZE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1811,9 +1992,13 @@ def run_predict(args):
     each_line = not (args.json or args.csv)  # a line per photo on stdout, as without a CSV
     on_terminal = sys.stderr.isatty()
     quiet = each_line and on_terminal and sys.stdout.isatty()  # the lines show the progress
-    with contextlib.closing(start_preparing(todo)) as prepared:
+    shape = declared_input_shape(args.model)
+    prepare = PREPARATIONS.get(shape, prepare_image)
+    with contextlib.closing(start_preparing(todo, prepare)) as prepared:
         start_tensorflow_quietly()
         model = load_trained_model(args.model)
+        if PREPARATIONS[tuple(model.input_shape[1:])] is not prepare:
+            raise UserError(f"{args.model}: its config and its model disagree on the input")
         progress = show_progress(len(todo), on_terminal, start) if todo and not quiet else None
         results, done, errors, stop_signal = classify_catalogue(
             model, prepared, args, rows_bytes, each_line, progress
@@ -1838,15 +2023,26 @@ def run_predict(args):
 
 
 def run_finetune(args):
-    """photos -> hold-out -> accuracy before -> fine-tune -> accuracy after -> save."""
+    """photos -> hold-out -> model (yours, or an ImageNet network with a new last layer) ->
+    accuracy before -> fine-tune -> accuracy after -> save."""
     photos = find_labelled_photos(args.folder)
-    images = np.stack([prepare_image(path) for path, _ in photos])  # a bad photo stops us here
+    prepare = prepare_colour if args.backbone else prepare_image
+    images = np.stack([prepare(path) for path, _ in photos])  # a bad photo stops us here
     labels = np.array([label for _, label in photos])
     tune, held_out = hold_out_photos(labels, args.holdout, args.seed)
     keras = start_tensorflow_quietly()
-    model = load_trained_model(args.model)
+    keras.utils.set_random_seed(args.seed)
+    if args.backbone:
+        model, _, learner = build_transfer_model(args.backbone)
+    else:
+        model = learner = load_trained_model(args.model)
+        if model.input_shape[1:] != (28, 28, 1):
+            raise UserError(
+                f"{args.model}: a model from finetune --backbone; to add photos, run finetune "
+                "--backbone again on all of them (it takes a minute)"
+            )
     options = {  # what a continued run must share with the run it continues
-        "model": file_sha256(args.model),
+        "model": args.backbone or file_sha256(args.model),
         "photo folder": fingerprint(images, labels),
         "--learning-rate": args.learning_rate,
         "--holdout": args.holdout,
@@ -1859,46 +2055,61 @@ def run_finetune(args):
     import matplotlib
 
     matplotlib.use("Agg")  # the confusion matrix is saved, never shown
-    keras.utils.set_random_seed(args.seed)
+    what = f"a new last layer on {args.backbone} (ImageNet)" if args.backbone else "the model"
     print(
-        f"Fine-tuning on {len(tune)} photos, measuring on {len(held_out)} held out, "
+        f"Fine-tuning {what} on {len(tune)} photos, measuring on {len(held_out)} held out, "
         f"{len(np.unique(labels))} classes"
     )
-    before = photo_accuracy(model, images[held_out], labels[held_out])
-    print(f"Accuracy on the held-out photos before: {before['accuracy']:.4f}")
-    compile_for_finetuning(model, args.learning_rate)
-    progress = restore_or_start(model, out_dir, "finetune", options, backup)
+    measure = len(held_out) > 0
+    before = photo_accuracy(model, images[held_out], labels[held_out]) if measure else None
+    if before and not args.backbone:  # a new layer knows nothing yet: nothing to report
+        print(f"Accuracy on the held-out photos before: {before['accuracy']:.4f}")
+    compile_for_finetuning(learner, args.learning_rate)
+    progress = restore_or_start(learner, out_dir, "finetune", options, backup)
+    if args.backbone:
+        features = photo_features(model, images[tune])
+        twice = np.concatenate([labels[tune], labels[tune]])  # each photo and its mirror image
+        epoch_data = lambda epoch: feature_batches(features, twice, args.seed, epoch)  # noqa: E731
+    else:
+        epoch_data = lambda epoch: batches(  # noqa: E731
+            images[tune], labels[tune], BATCH_SIZE, epoch_key=(args.seed, epoch), augment=True
+        )
     progress, stop_signal = train(
-        model,
-        lambda epoch: batches(images[tune], labels[tune], BATCH_SIZE, epoch_key=(args.seed, epoch)),
+        learner,
+        epoch_data,
         None,
         args.epochs,
         out_dir,
         progress,
-        lambda progress: save_backup(model, out_dir, "finetune", options, progress),
+        lambda progress: save_backup(learner, out_dir, "finetune", options, progress),
     )
-    after = photo_accuracy(model, images[held_out], labels[held_out])
-    print(f"Accuracy on the held-out photos after:  {after['accuracy']:.4f}")
-
-    with atomic_path(out_dir / "confusion_matrix.png") as temporary:
-        plot_confusion_matrix(after["confusion"]).savefig(temporary, dpi=100)
+    after = photo_accuracy(model, images[held_out], labels[held_out]) if measure else None
+    if after:
+        print(f"Accuracy on the held-out photos after:  {after['accuracy']:.4f}")
+        with atomic_path(out_dir / "confusion_matrix.png") as temporary:
+            plot_confusion_matrix(after["confusion"]).savefig(temporary, dpi=100)
+    else:
+        print("No photos held out (--holdout 0): nothing measured")
     with atomic_path(out_dir / "model.keras") as temporary:
         model.save(temporary)
     counts = np.bincount(labels, minlength=10)
+    report = lambda result: result and {key: result[key] for key in ("accuracy", "per_class")}  # noqa: E731
     metrics = {
-        "before": {key: before[key] for key in ("accuracy", "per_class")},
-        "after": {key: after[key] for key in ("accuracy", "per_class")},
+        "before": None if args.backbone else report(before),
+        "after": report(after),
         "photos": {CLASS_NAMES[c]: int(counts[c]) for c in range(10) if counts[c]},
         "photos_tuned_on": len(tune),
         "photos_held_out": len(held_out),
         "epochs_completed": progress["epochs_completed"],
         "interrupted": stop_signal is not None,
         "continued_from_epoch": progress["continued_from_epoch"],
+        "train_seconds": round(progress["train_seconds"], 1),
         "history": progress["history"],
         "config": vars(args) | {"keras": keras.__version__},
     }
     save_json(metrics, out_dir / "metrics.json")
-    print(f"\nSaved model.keras, metrics.json, history.csv and confusion_matrix.png to {out_dir}/")
+    figure = ", history.csv and confusion_matrix.png" if after else " and history.csv"
+    print(f"\nSaved model.keras, metrics.json{figure} to {out_dir}/")
     finish_backup(out_dir, stop_signal, progress)
     return 128 + stop_signal if stop_signal else 0
 

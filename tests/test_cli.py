@@ -92,6 +92,10 @@ def test_help_lists_every_option_with_defaults_without_tensorflow():
         (["finetune", "m.keras", "photos", "--epochs", "0"], "--epochs"),
         (["--resume", "--overwrite"], "--resume continues a run and --overwrite starts over"),
         (["finetune", "m.keras", "photos", "--resume", "--overwrite"], "--overwrite starts over"),
+        (["finetune", "--holdout", "-0.1", "m.keras", "photos"], "--holdout"),
+        (["finetune", "photos"], "give the MODEL to adapt and the FOLDER"),
+        (["finetune", "--backbone", "mobilenet_v2", "m.keras", "photos"], "leave out MODEL"),
+        (["finetune", "--backbone", "resnet50", "photos"], "invalid choice: 'resnet50'"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line_without_tensorflow(args, message):
@@ -106,7 +110,8 @@ def test_bad_arguments_are_refused_in_one_line_without_tensorflow(args, message)
 def test_subcommand_help_without_tensorflow(command):
     result = run_with_importtime(command, "--help")
     assert result.returncode == 0 and not imports_tensorflow(result)
-    assert "--json" in result.stdout if command == "predict" else "(default: 30)" in result.stdout
+    defaults = f"(default: {fm.FINETUNE_EPOCHS}, or {fm.BACKBONE_EPOCHS} with --backbone)"
+    assert "--json" in result.stdout if command == "predict" else defaults in result.stdout
 
 
 def test_bad_data_dir_is_refused_before_tensorflow_loads(tmp_path):

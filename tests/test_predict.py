@@ -30,14 +30,15 @@ def train_model(x_train, y_train, epochs, path):
 
 def framed_items(labels, seed=0):
     """Items whose class survives predict's trimming: an outline 2 px in from the edge around
-    1 to 5 bars, across for classes 0-4, down for 5-9, of varying brightness."""
+    1 to 5 bars, across for classes 0-4, down for 5-9, of varying brightness; placed alike in
+    the mirror image, as clothes are (predict also looks at each photo mirrored)."""
     rng = np.random.default_rng(seed)
     images = np.zeros((len(labels), 28, 28), np.uint8)
     for image, label in zip(images, labels):
         image[2:26, 2:26], image[3:25, 3:25] = 255, 0
         bars = label % 5 + 1
         for n in range(bars):
-            at = 4 + n * 19 // bars
+            at = 4 + round(n * 18 / (bars - 1)) if bars > 1 else 13
             if label < 5:
                 image[at : at + 2, 5:23] = rng.integers(150, 256)
             else:
