@@ -13,6 +13,7 @@ and mistakes are answered at once; that is why some functions import it themselv
 import argparse
 import contextlib
 import datetime
+import functools
 import gzip
 import hashlib
 import itertools
@@ -1745,6 +1746,17 @@ def photo_accuracy(model, images, labels):
     }
 
 
+def photo_batches(images, labels, seed, epoch):
+    """An epoch of the photos in an order drawn from (seed, epoch), each mirrored at random:
+    shops show shoes pointing either way, Fashion-MNIST only left."""
+    return batches(images, labels, BATCH_SIZE, epoch_key=(seed, epoch), augment=True)
+
+
+def accuracy_report(result):
+    """What metrics.json keeps of photo_accuracy's result (None: nothing was measured)."""
+    return result and {key: result[key] for key in ("accuracy", "per_class")}
+
+
 def compile_for_finetuning(model, learning_rate):
     """Adam for what learns from the photos: the whole model, trained further from what it
     learned on Fashion-MNIST, or a new last layer on a frozen ImageNet network."""
@@ -1799,9 +1811,8 @@ def backbone_weights(name):
 
 
 def build_transfer_model(name):
-    """(model, backbone, head): the ImageNet network, frozen, and a new 10-class layer on what
-    it sees. The model takes [0, 1] colour photos like the other models; the backbone wants
-    [-1, 1]."""
+    """(model, head): the ImageNet network, frozen, and a new 10-class layer on what it sees.
+    The model takes [0, 1] colour photos like the other models; the backbone wants [-1, 1]."""
     import keras
 
     network, alpha, _, _ = BACKBONES[name]
@@ -1823,7 +1834,7 @@ def build_transfer_model(name):
         [keras.Input(size), keras.layers.Rescaling(2.0, offset=-1.0), backbone, head],
         name=f"{name}_fashion",
     )
-    return model, backbone, head
+    return model, head
 
 
 def photo_features(model, images):
@@ -2033,7 +2044,7 @@ def run_finetune(args):
     keras = start_tensorflow_quietly()
     keras.utils.set_random_seed(args.seed)
     if args.backbone:
-        model, _, learner = build_transfer_model(args.backbone)
+        model, learner = build_transfer_model(args.backbone)
     else:
         model = learner = load_trained_model(args.model)
         if model.input_shape[1:] != (28, 28, 1):
@@ -2061,19 +2072,19 @@ def run_finetune(args):
         f"{len(np.unique(labels))} classes"
     )
     measure = len(held_out) > 0
-    before = photo_accuracy(model, images[held_out], labels[held_out]) if measure else None
-    if before and not args.backbone:  # a new layer knows nothing yet: nothing to report
+    before = None  # a new last layer knows nothing yet: nothing to measure
+    if measure and not args.backbone:
+        before = photo_accuracy(model, images[held_out], labels[held_out])
         print(f"Accuracy on the held-out photos before: {before['accuracy']:.4f}")
     compile_for_finetuning(learner, args.learning_rate)
     progress = restore_or_start(learner, out_dir, "finetune", options, backup)
-    if args.backbone:
+    if args.backbone:  # what the backbone sees in each photo, then in each mirror image
         features = photo_features(model, images[tune])
-        twice = np.concatenate([labels[tune], labels[tune]])  # each photo and its mirror image
-        epoch_data = lambda epoch: feature_batches(features, twice, args.seed, epoch)  # noqa: E731
-    else:
-        epoch_data = lambda epoch: batches(  # noqa: E731
-            images[tune], labels[tune], BATCH_SIZE, epoch_key=(args.seed, epoch), augment=True
+        epoch_data = functools.partial(
+            feature_batches, features, np.tile(labels[tune], 2), args.seed
         )
+    else:
+        epoch_data = functools.partial(photo_batches, images[tune], labels[tune], args.seed)
     progress, stop_signal = train(
         learner,
         epoch_data,
@@ -2093,10 +2104,9 @@ def run_finetune(args):
     with atomic_path(out_dir / "model.keras") as temporary:
         model.save(temporary)
     counts = np.bincount(labels, minlength=10)
-    report = lambda result: result and {key: result[key] for key in ("accuracy", "per_class")}  # noqa: E731
     metrics = {
-        "before": None if args.backbone else report(before),
-        "after": report(after),
+        "before": accuracy_report(before),
+        "after": accuracy_report(after),
         "photos": {CLASS_NAMES[c]: int(counts[c]) for c in range(10) if counts[c]},
         "photos_tuned_on": len(tune),
         "photos_held_out": len(held_out),

@@ -167,6 +167,9 @@ def test_finetune_holds_out_the_same_photos_for_the_same_seed():
     assert (tune == again).all() and (held == held_again).all()
     assert sorted([*tune, *held]) == list(range(17))
     assert [int((labels[held] == c).sum()) for c in range(3)] == [1, 2, 1]
+    # --holdout 0: every photo tuned on, even a class's only one.
+    tune, held = fm.hold_out_photos(np.array([0, 1, 1]), 0, seed=3)
+    assert tune.tolist() == [0, 1, 2] and held.size == 0
 
 
 def write_bad_folder(root, case):
