@@ -53,13 +53,12 @@ IMPROVED_LEARNING_RATE = 0.005
 # Fine-tuning on your own photos (`finetune`): chosen on real shop photos, each photo mirrored
 # at random as shops show shoes pointing either way (benchmarks/README.md).
 FINETUNE_EPOCHS = 120
-FINETUNE_LEARNING_RATE = 0.001
+FINETUNE_LEARNING_RATE = 0.001  # with --backbone too
 FINETUNE_HOLDOUT = 0.2  # share of each class's photos kept back to measure on
 
 # `finetune --backbone`: a network pre-trained on ImageNet sees the colour photo, and a new
 # 10-class layer learns from what it sees; chosen on real shop photos (benchmarks/README.md).
 BACKBONE_EPOCHS = 100  # the new layer alone learns fast: 100 epochs of 400 photos take seconds
-BACKBONE_LEARNING_RATE = 0.001
 BACKBONE_SIZE = 224  # the input the ImageNet weights were made for
 
 CLASS_NAMES = [
@@ -309,10 +308,7 @@ def parse_finetune_args(argv):
         help=f"epochs (default: {FINETUNE_EPOCHS}, or {BACKBONE_EPOCHS} with --backbone)",
     )
     parser.add_argument(
-        "--learning-rate",
-        type=fraction,
-        help=f"Adam's rate (default: {FINETUNE_LEARNING_RATE}, or {BACKBONE_LEARNING_RATE} "
-        "with --backbone)",
+        "--learning-rate", type=fraction, default=FINETUNE_LEARNING_RATE, help="Adam's rate"
     )
     parser.add_argument(
         "--holdout",
@@ -336,8 +332,6 @@ def parse_finetune_args(argv):
         parser.error("give the MODEL to adapt and the FOLDER of photos, or --backbone NAME FOLDER")
     if args.epochs is None:
         args.epochs = BACKBONE_EPOCHS if args.backbone else FINETUNE_EPOCHS
-    if args.learning_rate is None:
-        args.learning_rate = BACKBONE_LEARNING_RATE if args.backbone else FINETUNE_LEARNING_RATE
     return args
 
 
