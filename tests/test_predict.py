@@ -117,6 +117,21 @@ def test_prepare_image_makes_a_centred_light_on_dark_28x28(tmp_path):
     assert cols.max() - cols.min() < 16
 
 
+def test_median_box_is_pillows_median_filter_exactly():
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+    for density in [0.0, 0.05, 0.3, 0.5, 0.7]:
+        for _ in range(40):
+            shape = tuple(rng.integers(1, 40, 2))
+            mask = rng.random(shape) < density
+            mask[: rng.integers(0, 3)] = True  # items touching the edge, now and then
+            pillow = Image.fromarray(mask.astype(np.uint8) * 255).filter(
+                ImageFilter.MedianFilter(3)
+            )
+            assert fm.median_box(mask) == pillow.getbbox(), (density, mask.astype(int))
+
+
 def test_prints_top_three_per_image(model_path, tmp_path, capsys):
     small, _ = as_picture_files(framed_items(np.array([3]))[0], tmp_path, "x")
     assert fm.main(["predict", str(model_path), str(small)]) == 0
