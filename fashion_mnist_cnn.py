@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import gc
 import gzip
 import hashlib
 import itertools
@@ -2156,4 +2157,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # TensorFlow leaves hundreds of thousands of objects; the collector's last passes over them
+    # took 0.6 s of every exit. Every file is closed by now, so they are left to the OS.
+    gc.freeze()
+    sys.exit(code)
