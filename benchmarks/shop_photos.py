@@ -65,7 +65,7 @@ def program(*args):
         capture_output=True,
         text=True,
     )
-    if run.returncode not in (0,):
+    if run.returncode != 0:
         sys.exit(f"failed ({run.returncode}): {' '.join(map(str, args))}\n{run.stderr[-2000:]}")
     return time.perf_counter() - start, run.stdout
 
