@@ -1375,7 +1375,21 @@ def prepare_image(path):
     grey = grey.filter(ImageFilter.UnsharpMask(radius=1, percent=100, threshold=0))
     top = max(float(np.percentile(np.asarray(grey), 99.5)), 1.0)
     grey = grey.point(lambda v: min(255, round(v * 255 / top)))
-    return np.asarray(ImageOps.pad(grey, (28, 28), color=0))
+    return taller_end_right(np.asarray(ImageOps.pad(grey, (28, 28), color=0)))
+
+
+def taller_end_right(image):
+    """The prepared item mirrored if its left third stands clearly taller than its right third.
+    Fashion-MNIST's shoes all point left, heel and shaft on the right; shops show them either
+    way. Clothes, nearly symmetric, are mirrored or not at no cost (benchmarks/README.md)."""
+    heights = (image > 40).sum(axis=0)
+    columns = np.flatnonzero(heights)
+    if columns.size < 4:
+        return image
+    first, end = columns[0], columns[-1] + 1
+    third = (end - first) // 3
+    left, right = heights[first : first + third].mean(), heights[end - third : end].mean()
+    return image[:, ::-1] if left > 1.15 * right else image
 
 
 def colour_distance(pixels, colour):

@@ -5,7 +5,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import SHARED, assert_clean_failure, run_program
+from conftest import SHARED, assert_clean_failure, run_program, write_photo
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -115,6 +115,23 @@ def test_prepare_image_makes_a_centred_light_on_dark_28x28(tmp_path):
     assert rows.min() <= 1 and rows.max() >= 26  # the object's long side fills the frame
     assert abs(cols.mean() - 13.5) < 1.5  # centred, aspect kept (narrow object stays narrow)
     assert cols.max() - cols.min() < 16
+
+
+def test_shoes_are_turned_to_point_left_as_in_fashion_mnist(tmp_path):
+    boot = np.zeros((28, 28), np.uint8)
+    boot[4:24, 3:10] = 200  # the shaft, on the left
+    boot[17:24, 3:25] = 200  # the foot, its toe to the right
+    assert (fm.taller_end_right(boot) == boot[:, ::-1]).all()
+    assert (fm.taller_end_right(boot[:, ::-1]) == boot[:, ::-1]).all()  # pointing left: kept
+    shirt = np.zeros((28, 28), np.uint8)
+    shirt[3:25, 2:26] = 180
+    assert (fm.taller_end_right(shirt) == shirt).all()
+    # A photo of a boot pointing right comes out as the same boot pointing left.
+    right = write_photo(tmp_path / "right.jpg", boot)
+    left = write_photo(tmp_path / "left.jpg", np.ascontiguousarray(boot[:, ::-1]))
+    prepared_right, prepared_left = fm.prepare_image(right), fm.prepare_image(left)
+    assert np.abs(prepared_right.astype(int) - prepared_left).mean() < 3
+    assert prepared_left[:, 18:].sum() > prepared_left[:, :10].sum()  # the shaft on the right
 
 
 def test_median_box_is_pillows_median_filter_exactly():
