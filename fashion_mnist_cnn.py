@@ -4,6 +4,7 @@
     python fashion_mnist_cnn.py --data-dir DIR         # the same, offline, from the four IDX files
     python fashion_mnist_cnn.py predict MODEL PATH...  # classify your own photos and folders
     python fashion_mnist_cnn.py finetune MODEL FOLDER  # adapt the model to your labelled photos
+    python fashion_mnist_cnn.py finetune --backbone mobilenet_v2 FOLDER  # or an ImageNet network
 
 The run reads top to bottom: arguments -> data -> model -> train -> evaluate -> figures -> save.
 TensorFlow is imported only once the arguments and the data have been checked, so that --help
