@@ -1286,7 +1286,7 @@ def load_trained_model(path):
         raise UserError(f"{path}: not a usable Keras model file ({reason[:200]})") from None
     input_shape = tuple(getattr(model, "input_shape", ()) or ())
     output_shape = tuple(getattr(model, "output_shape", ()) or ())
-    if input_shape[1:] not in INPUT_SHAPES or output_shape[1:] != (10,):
+    if input_shape[1:] not in PREPARATIONS or output_shape[1:] != (10,):
         raise UserError(
             f"{path}: this model maps {input_shape[1:]} to {output_shape[1:]}, not a 28x28x1 "
             f"image or a {BACKBONE_SIZE}x{BACKBONE_SIZE} colour photo to 10 Fashion-MNIST classes"
@@ -1300,9 +1300,11 @@ def declared_input_shape(path):
     load_trained_model says why)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))
-        return tuple(config["build_config"]["input_shape"][1:])
-    except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError):
+            layers = json.loads(archive.read("config.json"))["config"]["layers"]
+        # Sequential and functional models alike list their InputLayer, with its shape.
+        inputs = (layer["config"] for layer in layers if layer["class_name"] == "InputLayer")
+        return tuple(next(inputs)["batch_shape"][1:])
+    except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError, StopIteration):
         return None
 
 
@@ -1434,7 +1436,6 @@ def prepare_colour(path):
 
 # Each kind of model gets its photos prepared as it was trained on them.
 PREPARATIONS = {(28, 28, 1): prepare_image, (BACKBONE_SIZE, BACKBONE_SIZE, 3): prepare_colour}
-INPUT_SHAPES = set(PREPARATIONS)
 
 
 def find_images(paths):
@@ -2034,8 +2035,7 @@ def run_predict(args):
     each_line = not (args.json or args.csv)  # a line per photo on stdout, as without a CSV
     on_terminal = sys.stderr.isatty()
     quiet = each_line and on_terminal and sys.stdout.isatty()  # the lines show the progress
-    shape = declared_input_shape(args.model)
-    prepare = PREPARATIONS.get(shape, prepare_image)
+    prepare = PREPARATIONS.get(declared_input_shape(args.model), prepare_image)
     with contextlib.closing(start_preparing(todo, prepare)) as prepared:
         start_tensorflow_quietly()
         model = load_trained_model(args.model)

@@ -68,8 +68,11 @@ def test_colour_preparation_keeps_the_whole_photo_square_on_its_background(tmp_p
 def test_the_model_file_says_which_photos_it_takes(tmp_path):
     colour = keras.Sequential([keras.Input((224, 224, 3)), keras.layers.Flatten()])
     colour.save(tmp_path / "colour.keras")
+    inputs = keras.Input((224, 224, 3))  # a functional model says it in another place
+    keras.Model(inputs, keras.layers.Flatten()(inputs)).save(tmp_path / "functional.keras")
     (tmp_path / "text.keras").write_text("not a model")
     assert fm.declared_input_shape(tmp_path / "colour.keras") == (224, 224, 3)
+    assert fm.declared_input_shape(tmp_path / "functional.keras") == (224, 224, 3)
     assert fm.declared_input_shape(tmp_path / "text.keras") is None
     assert fm.declared_input_shape(tmp_path / "missing.keras") is None
 
@@ -105,6 +108,18 @@ def test_predict_prepares_colour_photos_for_a_colour_model(colour_model, tmp_pat
     for row, probabilities in zip(good, expected):
         assert row["class"] == fm.CLASS_NAMES[int(np.argmax(probabilities))]
         assert float(row["probability"]) == pytest.approx(probabilities.max(), abs=1e-4)
+
+
+def test_a_model_unlike_its_config_is_refused_in_one_line(
+    colour_model, tmp_path, monkeypatch, capsys
+):
+    photos = product_folder(tmp_path / "photos", per_class=1)
+    monkeypatch.setattr(fm, "declared_input_shape", lambda path: (28, 28, 1))
+    rows = tmp_path / "rows.csv"
+    assert fm.main(["predict", str(colour_model), str(photos), "--csv", str(rows)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its config and its model disagree" in err[0], err
+    assert not rows.exists()  # nothing written: the photos were prepared for another model
 
 
 def test_finetune_without_backbone_refuses_a_colour_model(colour_model, tmp_path):
