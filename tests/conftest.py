@@ -76,6 +76,48 @@ def write_photo(path, image, background=(235, 230, 225), item=(150, 30, 40), siz
     return path
 
 
+SKIN, SHIRT = (224, 172, 140), (200, 30, 30)
+
+
+def draw_shirt(draw, cx):
+    """A red T-shirt: body and short sleeves, on a 225x300 photo."""
+    draw.rectangle([cx - 55, 95, cx + 55, 245], fill=SHIRT)
+    for side in (-1, 1):
+        sleeve = [(cx + side * 55, 95), (cx + side * 78, 150), (cx + side * 66, 156)]
+        draw.polygon(sleeve + [(cx + side * 52, 125)], fill=SHIRT)
+
+
+def draw_face(draw, cx, skin=SKIN):
+    """Hair, a face with eyes, brows, nose and mouth: enough for OpenCV's face detector."""
+    draw.ellipse([cx - 27, 8, cx + 27, 55], fill=(40, 30, 20))
+    draw.ellipse([cx - 21, 18, cx + 21, 82], fill=skin)
+    for side in (-1, 1):
+        eye = cx + side * 10
+        draw.ellipse([eye - 5, 40, eye + 5, 45], fill=(50, 35, 30))
+        draw.line([eye - 7, 35, eye + 7, 35], fill=(60, 40, 30), width=2)
+    draw.line([cx, 45, cx, 58], fill=(200, 150, 120), width=2)
+    draw.ellipse([cx - 8, 65, cx + 8, 70], fill=(170, 90, 90))
+
+
+def worn_photo(path, worn=True, skin=SKIN):
+    """A catalogue photo of the red T-shirt, alone or worn by a model (head, neck, bare
+    forearms, blue trousers), softened as a camera's photo is."""
+    from PIL import ImageDraw, ImageFilter
+
+    picture = Image.new("RGB", (225, 300), "white")
+    draw, cx = ImageDraw.Draw(picture), 112
+    draw_shirt(draw, cx)
+    if worn:
+        for side in (-1, 1):
+            forearm = sorted([cx + side * 66, cx + side * 78])
+            draw.rectangle([forearm[0], 156, forearm[1], 230], fill=skin)
+        draw.rectangle([cx - 50, 245, cx + 50, 300], fill=(40, 60, 140))
+        draw.rectangle([cx - 9, 78, cx + 9, 96], fill=skin)
+        draw_face(draw, cx, skin)
+    picture.filter(ImageFilter.GaussianBlur(1.2)).save(path)
+    return path
+
+
 def photo_folder(folder, per_class, classes=range(10), seed=0, relabel=0):
     """FOLDER/<class name>/NN.jpg: per_class photos of each class, of generated items. With
     relabel, each class's photos show the item the model knows as class + relabel: products

@@ -71,10 +71,10 @@ def test_the_model_file_says_which_photos_it_takes(tmp_path):
     inputs = keras.Input((224, 224, 3))  # a functional model says it in another place
     keras.Model(inputs, keras.layers.Flatten()(inputs)).save(tmp_path / "functional.keras")
     (tmp_path / "text.keras").write_text("not a model")
-    assert fm.declared_input_shape(tmp_path / "colour.keras") == (224, 224, 3)
-    assert fm.declared_input_shape(tmp_path / "functional.keras") == (224, 224, 3)
-    assert fm.declared_input_shape(tmp_path / "text.keras") is None
-    assert fm.declared_input_shape(tmp_path / "missing.keras") is None
+    assert fm.declared_preparation(tmp_path / "colour.keras") is fm.prepare_colour
+    assert fm.declared_preparation(tmp_path / "functional.keras") is fm.prepare_colour
+    assert fm.declared_preparation(tmp_path / "text.keras") is None
+    assert fm.declared_preparation(tmp_path / "missing.keras") is None
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_a_model_unlike_its_config_is_refused_in_one_line(
     colour_model, tmp_path, monkeypatch, capsys
 ):
     photos = product_folder(tmp_path / "photos", per_class=1)
-    monkeypatch.setattr(fm, "declared_input_shape", lambda path: (28, 28, 1))
+    monkeypatch.setattr(fm, "declared_preparation", lambda path: fm.prepare_image)
     rows = tmp_path / "rows.csv"
     assert fm.main(["predict", str(colour_model), str(photos), "--csv", str(rows)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -14,6 +14,7 @@ from conftest import (
     run_program,
     start_program,
     wait_for_line,
+    worn_photo,
     write_photo,
 )
 from PIL import Image
@@ -158,6 +159,25 @@ def test_finetune_learns_from_a_few_photos_and_predict_uses_it(model_path, tmp_p
     }
     tuned = run_program("predict", out / "model.keras", photos / "Bag")
     assert tuned.returncode == 0 and tuned.stdout.count("\n") == 12, tuned.stderr
+
+
+def test_a_tuned_model_gets_photos_prepared_as_it_was_tuned_on(model_path, tmp_path):
+    # Tuned on garments left on their models, it is shown them so; the Fashion-MNIST model is
+    # shown the garment alone.
+    photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
+    worn = worn_photo(tmp_path / "worn.png")
+    out = tmp_path / "tuned"
+    argv = ["finetune", str(model_path), str(photos), "--epochs", "1", "--holdout", "0"]
+    assert fm.main([*argv, "--out-dir", str(out)]) == 0
+    tuned = out / "model.keras"
+    assert fm.declared_preparation(model_path) is fm.prepare_image
+    assert fm.declared_preparation(tuned) is fm.prepare_as_photographed
+    as_photographed, alone = fm.prepare_as_photographed(worn), fm.prepare_image(worn)
+    assert np.abs(as_photographed.astype(int) - alone).mean() > 40
+    model = fm.load_trained_model(tuned)
+    assert fm.predict_images(model, [worn])[0]["top3"] == fm.top_three(
+        model.predict(fm.scale_pixels(as_photographed[None]), verbose=0)[0]
+    )
 
 
 def test_finetune_holds_out_the_same_photos_for_the_same_seed():

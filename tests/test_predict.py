@@ -5,12 +5,13 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import SHARED, assert_clean_failure, run_program, write_photo
+from conftest import ROOT, SHARED, assert_clean_failure, run_program, worn_photo, write_photo
 from PIL import Image
 
 import fashion_mnist_cnn as fm
 
 keras = fm.start_tensorflow_quietly()
+SHOP_PHOTOS = ROOT.parent / "shared" / "product-photos" / "shop"
 
 
 def train_model(x_train, y_train, epochs, path):
@@ -132,6 +133,41 @@ def test_shoes_are_turned_to_point_left_as_in_fashion_mnist(tmp_path):
     prepared_right, prepared_left = fm.prepare_image(right), fm.prepare_image(left)
     assert np.abs(prepared_right.astype(int) - prepared_left).mean() < 3
     assert prepared_left[:, 18:].sum() > prepared_left[:, :10].sum()  # the shaft on the right
+
+
+def test_a_garment_worn_by_a_model_is_prepared_as_the_garment_alone(tmp_path):
+    worn = worn_photo(tmp_path / "worn.png")
+    alone = fm.prepare_image(worn_photo(tmp_path / "alone.png", worn=False)).astype(int)
+    picture = fm.open_picture(worn, fit=224)
+    left, top, right, bottom = fm.median_box(np.asarray(picture.convert("L")) < 240)
+    x, y, w, h = fm.find_face(picture, (left, top, right, bottom))
+    assert top <= y and y + h < top + (bottom - top) / 3 and abs(x + w / 2 - 112 * 224 / 300) < 6
+    # Head, forearms and trousers gone: 15 from the T-shirt alone (94 if they were kept).
+    assert np.abs(fm.prepare_image(worn) - alone).mean() < 20
+    assert fm.find_face(fm.open_picture(tmp_path / "alone.png", fit=224), (0, 0, 168, 224)) is None
+
+
+def test_a_face_that_is_not_skin_coloured_is_not_a_model(tmp_path):
+    # A grey face printed on a T-shirt or a bag: found by the detector, refused by the skin test.
+    grey_face = worn_photo(tmp_path / "print.png", skin=(150, 150, 150))
+    picture = fm.open_picture(grey_face, fit=224)
+    found = fm.face_detector().detectMultiScale(np.asarray(picture.convert("L")), 1.1, 5)
+    assert len(found) == 1
+    assert fm.find_face(picture, (0, 0, *picture.size)) is None
+
+
+@pytest.mark.skipif(not SHOP_PHOTOS.is_dir(), reason="../shared/product-photos absent")
+def test_models_faces_are_found_in_real_shop_photos_and_nowhere_else():
+    def faces(folder):
+        found = []
+        for path in sorted((SHOP_PHOTOS / folder).iterdir()):
+            picture = fm.open_picture(path, fit=224)
+            box = fm.median_box(np.asarray(picture.convert("L")) < 235)
+            found.append(fm.find_face(picture, box) is not None)
+        return np.mean(found)
+
+    assert faces("Shirt") > 0.7  # nearly every shirt is worn by a model (88% found)
+    assert faces("Sneaker") == faces("Bag") == faces("Ankle boot") == 0
 
 
 def test_median_box_is_pillows_median_filter_exactly():
