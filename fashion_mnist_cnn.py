@@ -1302,8 +1302,8 @@ def declared_preparation(path):
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))["config"]
         # Sequential and functional models alike list their InputLayer, with its shape.
-        layers = config["layers"]
-        inputs = (layer["config"] for layer in layers if layer["class_name"] == "InputLayer")
+        layers = (layer for layer in config["layers"] if layer["class_name"] == "InputLayer")
+        inputs = (layer["config"] for layer in layers)
         return preparation(tuple(next(inputs)["batch_shape"][1:]), config["name"])
     except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError, StopIteration):
         return None
@@ -1447,11 +1447,11 @@ def garment_only(item, picture, face):
     x, y, w, h = face
     item = item.copy()
     item[: y + h + h // 5, max(0, x - 3 * w // 10) : x + w + 3 * w // 10] = 0
-    codes = np.asarray(picture) // 16  # colours in 16 levels a channel: 4,096 kinds
-    codes = (codes[..., 0].astype(np.int32) * 16 + codes[..., 1]) * 16 + codes[..., 2]
+    levels = np.moveaxis(np.asarray(picture) // 16, -1, 0)  # 16 levels a channel
+    codes = np.ravel_multi_index(levels, (16, 16, 16))  # one number for each of 4,096 colours
     chest = codes[y + 13 * h // 10 : y + 3 * h, max(0, x - w // 4) : x + w + w // 4]
-    share = np.bincount(chest.ravel(), minlength=16**3) / max(1, chest.size)
-    item[share[codes] < 0.002] = 0
+    in_chest = np.bincount(chest.ravel(), minlength=16**3) / max(1, chest.size)
+    item[in_chest[codes] < 0.002] = 0
     return item
 
 

@@ -14,7 +14,7 @@ run them:
 
 each scored from the folder names of the photos measured on. Prints each route's accuracy
 (mean over the splits, and the lowest and highest) and its time (wall seconds of the
-`finetune` command; `predict`'s photos a second).
+`predict` command, or of the `finetune` command).
 """
 
 import argparse
@@ -71,14 +71,14 @@ def program(*args):
 
 
 def predict_accuracy(model, folder, work):
-    """(accuracy, photos a second) of `predict MODEL folder`, scored from the folder names."""
+    """(accuracy, seconds) of `predict MODEL folder`, scored from the folder names."""
     rows = work / "predictions.csv"
     seconds, _ = program("predict", model, folder, "--csv", rows)
     truth = {str(path): fm.CLASS_NAMES[label] for path, label in fm.find_labelled_photos(folder)}
     with open(rows, newline="", encoding="utf-8") as file:
         predicted = {row["path"]: row["class"] for row in csv.DictReader(file)}
     right = [predicted[path] == name for path, name in truth.items()]
-    return float(np.mean(right)), len(right) / seconds
+    return float(np.mean(right)), seconds
 
 
 def main():
@@ -104,8 +104,7 @@ def main():
             measure, tune = split_photos(photos, seed, args.per_class)
             measured = link_folder(measure, work / "measure")
             print(f"split {seed}: measuring on {len(measure)} photos", flush=True)
-            accuracy, rate = predict_accuracy(args.model, measured, work)
-            record("predict", 0, accuracy, len(measure) / rate)
+            record("predict", 0, *predict_accuracy(args.model, measured, work))
             for k, tuned in tune.items():
                 folder = link_folder(tuned, work / f"tune-{k}")
                 for route, model_args in (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "fashion_mnist_cnn.py"
@@ -102,8 +102,6 @@ def draw_face(draw, cx, skin=SKIN):
 def worn_photo(path, worn=True, skin=SKIN):
     """A catalogue photo of the red T-shirt, alone or worn by a model (head, neck, bare
     forearms, blue trousers), softened as a camera's photo is."""
-    from PIL import ImageDraw, ImageFilter
-
     picture = Image.new("RGB", (225, 300), "white")
     draw, cx = ImageDraw.Draw(picture), 112
     draw_shirt(draw, cx)
