@@ -135,6 +135,23 @@ def test_shoes_are_turned_to_point_left_as_in_fashion_mnist(tmp_path):
     assert prepared_left[:, 18:].sum() > prepared_left[:, :10].sum()  # the shaft on the right
 
 
+def test_a_dim_shoe_is_lit_as_fashion_mnist_shoes_are(tmp_path):
+    # A white sneaker on white: a faint body, a sole and stripes that stand out.
+    shoe = np.zeros((28, 28), np.uint8)
+    shoe[10:20, 1:27] = 70
+    shoe[20:23, 1:27] = 230
+    shoe[12:18, 9:11] = shoe[12:18, 15:17] = 230
+    lying = fm.prepare_image(write_photo(tmp_path / "shoe.jpg", shoe))
+    standing = fm.prepare_image(write_photo(tmp_path / "garment.jpg", np.ascontiguousarray(shoe.T)))
+    # Wider than tall it is a shoe, brightened (149); standing, a garment, left as it is (64).
+    assert np.median(lying[lying > 40]) > 135 and np.median(standing[standing > 40]) < 80
+    # brightened puts the median where Fashion-MNIST's is, and leaves a lit item alone.
+    dim = Image.fromarray(np.linspace(41, 120, 280).reshape(10, 28).astype(np.uint8))
+    assert abs(np.median(np.asarray(fm.brightened(dim))) - fm.SHOE_MEDIAN) <= 1
+    lit = Image.fromarray(np.full((10, 28), 200, np.uint8))
+    assert fm.brightened(lit) is lit
+
+
 def test_a_garment_worn_by_a_model_is_prepared_as_the_garment_alone(tmp_path):
     worn = worn_photo(tmp_path / "worn.png")
     alone = worn_photo(tmp_path / "alone.png", worn=False)
