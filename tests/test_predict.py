@@ -135,6 +135,26 @@ def test_shoes_are_turned_to_point_left_as_in_fashion_mnist(tmp_path):
     assert prepared_left[:, 18:].sum() > prepared_left[:, :10].sum()  # the shaft on the right
 
 
+def test_a_shoe_shot_at_an_angle_is_turned_to_stand_level(tmp_path):
+    boot = np.zeros((120, 200), np.uint8)
+    boot[60:90, 20:180] = 200  # the foot
+    boot[30:60, 120:180] = 200  # the shaft
+    tilted = np.asarray(Image.fromarray(boot).rotate(-15, Image.Resampling.BILINEAR, expand=True))
+    level = fm.levelled(tilted, fm.median_box(tilted > 13))
+    left, top, right, bottom = fm.median_box(level > 13)
+    mask = level[top:bottom, left:right] > 13
+    columns = np.flatnonzero(mask.any(axis=0))
+    lowest = mask.shape[0] - 1 - np.argmax(mask[::-1, columns], axis=0)
+    assert abs(np.polyfit(columns, lowest, 1)[0]) < 0.02  # its sole level again (0.18 tilted)
+    assert (fm.levelled(boot, fm.median_box(boot > 13)) == boot).all()  # level already: as it is
+    # Photographed tilted, it prepares as it does level: 8 apart (40 if not turned).
+    photos = []
+    for name, item in [("level.png", boot), ("tilted.png", tilted)]:
+        Image.fromarray(255 - item).convert("RGB").save(tmp_path / name)
+        photos.append(fm.prepare_image(tmp_path / name).astype(int))
+    assert np.abs(photos[0] - photos[1]).mean() < 15
+
+
 def test_a_dim_shoe_is_lit_as_fashion_mnist_shoes_are(tmp_path):
     # A white sneaker on white: a faint body, a sole and stripes that stand out.
     shoe = np.zeros((28, 28), np.uint8)
