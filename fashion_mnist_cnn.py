@@ -1352,13 +1352,14 @@ def open_picture(path, fit=None):
         raise UserError(f"{path}: damaged image ({error})") from None
 
 
-def prepare_image(path, garment_alone=True):
+def prepare_image(path, fashion_mnist_view=True):
     """A product photo -> uint8 28x28 as Fashion-MNIST's images were made from Zalando's: the
     item trimmed from its background, its longest edge resized to 28, sharpened, centred on
     28x28, negated to light on dark, grey. What photos add: the background is whatever colour
     the border has (light, dark or coloured), each pixel's value is its distance from that
-    colour less the background's own noise, and the item's contrast is stretched to 0-255;
-    with garment_alone, a garment worn by a model is taken off the model first."""
+    colour less the background's own noise, and the item's contrast is stretched to 0-255.
+    With fashion_mnist_view, the item is first shown as Fashion-MNIST shows its items: a garment
+    worn by a model taken off the model, a shoe or a bag shot at an angle turned level."""
     from PIL import Image, ImageFilter, ImageOps
 
     picture = open_picture(path, fit=224)  # BOX shrinking averages away sensor noise, too
@@ -1373,11 +1374,11 @@ def prepare_image(path, garment_alone=True):
     item = np.clip(distance - noise, 0, 255).astype(np.uint8)
     # Trimmed where the item stands out by 5% of full intensity, as Fashion-MNIST's were.
     box = median_box(item > 13)
-    face = find_face(picture, box) if box and garment_alone else None
+    face = find_face(picture, box) if box and fashion_mnist_view else None
     if face is not None:  # worn by a model: Fashion-MNIST shows the garment alone
         item = garment_only(item, picture, face)
         box = median_box(item > 13)
-    elif box and box[2] - box[0] > box[3] - box[1]:  # a shoe or a bag
+    elif box and fashion_mnist_view and box[2] - box[0] > box[3] - box[1]:  # a shoe or a bag
         item = levelled(item, box)
         box = median_box(item > 13)
     grey = Image.fromarray(item)
@@ -1544,10 +1545,10 @@ def prepare_colour(path):
 
 
 def prepare_as_photographed(path):
-    """prepare_image with garments left on their models: what a model tuned on a shop's own
-    photos learned from (the model's bare arms tell a T-shirt from a pullover: 2 points better
-    than garments alone when tuned on them, benchmarks/README.md)."""
-    return prepare_image(path, garment_alone=False)
+    """prepare_image with garments left on their models and shoes as they were shot: what a
+    model tuned on a shop's own photos learned from (the model's bare arms tell a T-shirt from
+    a pullover: 2 points better than garments alone when tuned on them, benchmarks/README.md)."""
+    return prepare_image(path, fashion_mnist_view=False)
 
 
 # Each kind of model gets its photos prepared as it was trained on them.

@@ -153,6 +153,9 @@ def test_a_shoe_shot_at_an_angle_is_turned_to_stand_level(tmp_path):
         Image.fromarray(255 - item).convert("RGB").save(tmp_path / name)
         photos.append(fm.prepare_image(tmp_path / name).astype(int))
     assert np.abs(photos[0] - photos[1]).mean() < 15
+    # A tuned model learned the shop's photos as they were shot: for it, the shoe stays tilted.
+    as_shot = fm.prepare_as_photographed(tmp_path / "tilted.png")
+    assert np.abs(as_shot - photos[1]).mean() > 25
 
 
 def test_a_dim_shoe_is_lit_as_fashion_mnist_shoes_are(tmp_path):
