@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "fashion_mnist_cnn.py"
 SHARED = ROOT.parent / "shared" / "fashion-mnist"
+SHOP_PHOTOS = ROOT.parent / "shared" / "product-photos" / "shop"  # real shop photos
 
 sys.path.insert(0, str(ROOT))
 # The environment the program runs in, as a user's shell gives it: taken before anything here

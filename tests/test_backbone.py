@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_clean_failure, run_program
+from conftest import ROOT, SHOP_PHOTOS, assert_clean_failure, run_program
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -13,7 +13,6 @@ import fashion_mnist_cnn as fm
 keras = fm.start_tensorflow_quietly()
 
 KERAS_MODELS = ROOT.parent / "shared" / "keras-models"
-SHOP = ROOT.parent / "shared" / "product-photos" / "shop"
 needs_weights = pytest.mark.skipif(
     not KERAS_MODELS.is_dir(), reason="../shared/keras-models absent"
 )
@@ -190,12 +189,11 @@ def test_without_the_weights_and_offline_one_line_says_where_to_put_them(tmp_pat
 
 
 @needs_weights
-@pytest.mark.skipif(not SHOP.is_dir(), reason="../shared/product-photos absent")
+@pytest.mark.skipif(not SHOP_PHOTOS.is_dir(), reason="../shared/product-photos absent")
 def test_real_shop_photos_are_learned(tmp_path):
     out = tmp_path / "run"
-    result = run_program(
-        "finetune", "--backbone", "mobilenet_v2", SHOP, "--out-dir", out, env=keras_home(tmp_path)
-    )
+    argv = ["finetune", "--backbone", "mobilenet_v2", SHOP_PHOTOS, "--out-dir", out]
+    result = run_program(*argv, env=keras_home(tmp_path))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     # 96 real photos it never saw, 10 classes: chance is 10%, the Fashion-MNIST model 44%.

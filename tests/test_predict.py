@@ -5,13 +5,12 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED, assert_clean_failure, run_program, worn_photo, write_photo
+from conftest import SHARED, SHOP_PHOTOS, assert_clean_failure, run_program, worn_photo, write_photo
 from PIL import Image
 
 import fashion_mnist_cnn as fm
 
 keras = fm.start_tensorflow_quietly()
-SHOP_PHOTOS = ROOT.parent / "shared" / "product-photos" / "shop"
 
 
 def train_model(x_train, y_train, epochs, path):
