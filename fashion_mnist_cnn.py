@@ -1352,6 +1352,9 @@ def open_picture(path, fit=None):
         raise UserError(f"{path}: damaged image ({error})") from None
 
 
+ITEM_LEVEL = 13  # an item pixel stands out by 5% of full intensity, as Fashion-MNIST's were cut
+
+
 def prepare_image(path, fashion_mnist_view=True):
     """A product photo -> uint8 28x28 as Fashion-MNIST's images were made from Zalando's: the
     item trimmed from its background, its longest edge resized to 28, sharpened, centred on
@@ -1372,16 +1375,15 @@ def prepare_image(path, fashion_mnist_view=True):
     # touches the border); for Gaussian noise, 2.5x the median is about its 99th percentile.
     noise = 2.5 * np.median(colour_distance(border, background))
     item = np.clip(distance - noise, 0, 255).astype(np.uint8)
-    # Trimmed where the item stands out by 5% of full intensity, as Fashion-MNIST's were.
-    box = median_box(item > 13)
+    box = median_box(item > ITEM_LEVEL)  # trimmed as Fashion-MNIST's items were
     face = find_face(picture, box) if box and fashion_mnist_view else None
     if face is not None:  # worn by a model: Fashion-MNIST shows the garment alone
         item = garment_only(item, picture, face)
-        box = median_box(item > 13)
+        box = median_box(item > ITEM_LEVEL)
     elif box and fashion_mnist_view and box[2] - box[0] > box[3] - box[1]:
         # Wider than tall: a shoe or a bag (under 2% of Fashion-MNIST's garments are).
         item = levelled(item, box)
-        box = median_box(item > 13)
+        box = median_box(item > ITEM_LEVEL)
     grey = Image.fromarray(item)
     if box:
         grey = grey.crop(box)
@@ -1423,7 +1425,7 @@ def levelled(item, box):
     made horizontal, when it slopes 3 to 30 degrees. Shops shoot shoes from above at an angle,
     their soles rising to one side (benchmarks/README.md)."""
     left, top, right, bottom = box
-    mask = item[top:bottom, left:right] > 13
+    mask = item[top:bottom, left:right] > ITEM_LEVEL
     columns = np.flatnonzero(mask.any(axis=0))
     if columns.size < 10:
         return item
@@ -2232,7 +2234,9 @@ def run_finetune(args):
     before = None  # a new last layer knows nothing yet: nothing to measure
     if measure and not args.backbone:  # the photos as predict shows them to this model
         as_predicted = preparation((28, 28, 1), model.name)
-        shown = np.stack([as_predicted(photos[i][0]) for i in held_out])
+        shown = images[held_out]  # a model tuned before sees them as they were prepared
+        if as_predicted is not prepare:
+            shown = np.stack([as_predicted(photos[i][0]) for i in held_out])
         before = photo_accuracy(model, shown, labels[held_out])
         print(f"Accuracy on the held-out photos before: {before['accuracy']:.4f}")
     compile_for_finetuning(learner, args.learning_rate)
