@@ -180,6 +180,34 @@ def test_a_tuned_model_gets_photos_prepared_as_it_was_tuned_on(model_path, tmp_p
     )
 
 
+def test_before_is_measured_on_the_photos_as_predict_shows_them(model_path, tmp_path, monkeypatch):
+    photos = photo_folder(tmp_path / "photos", per_class=5, classes=[1])
+    (photos / "T-shirt-top").mkdir()
+    for i in range(5):
+        worn_photo(photos / "T-shirt-top" / f"{i}.png")
+    paths, labels = zip(*fm.find_labelled_photos(photos))
+    held_out = [paths[i] for i in fm.hold_out_photos(np.array(labels), 0.4, seed=42)[1]]
+    worn = [path for path in held_out if path.parent.name == "T-shirt-top"]
+    assert (
+        len(worn) == 2 and (fm.prepare_image(worn[0]) != fm.prepare_as_photographed(worn[0])).any()
+    )
+    shown, measure = [], fm.photo_accuracy
+
+    def measured(model, images, labels):
+        shown.append(images)
+        return measure(model, images, labels)
+
+    monkeypatch.setattr(fm, "photo_accuracy", measured)
+    # The Fashion-MNIST model sees worn garments taken off their models; a tuned one as shot.
+    model = model_path
+    for expected, out in [(fm.prepare_image, "first"), (fm.prepare_as_photographed, "again")]:
+        shown.clear()
+        argv = ["finetune", str(model), str(photos), "--epochs", "1", "--holdout", "0.4"]
+        assert fm.main([*argv, "--out-dir", str(tmp_path / out)]) == 0
+        assert (shown[0] == np.stack([expected(path) for path in held_out])).all()  # before
+        model = tmp_path / out / "model.keras"
+
+
 def test_finetune_holds_out_the_same_photos_for_the_same_seed():
     labels = np.repeat(np.arange(3), [5, 10, 2])
     tune, held = fm.hold_out_photos(labels, 0.2, seed=3)
