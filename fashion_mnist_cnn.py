@@ -596,12 +596,15 @@ def cpu_cores():
     return os.cpu_count() or 1
 
 
-def choose_onednn(flags):
+def choose_onednn(flags, bfloat16=False):
     """Turn on TensorFlow's oneDNN kernels wherever the CPU has AVX2: TensorFlow does so by
     default only with AVX-512-class features, leaving AVX2 CPUs on slower Eigen convolutions.
-    Must run before TensorFlow is imported; the user's TF_ENABLE_ONEDNN_OPTS still wins."""
+    But not for bf16 asked of a CPU below AVX-512: oneDNN has no bf16 convolutions there, and
+    TensorFlow's own have. Must run before TensorFlow is imported; the user's
+    TF_ENABLE_ONEDNN_OPTS still wins."""
     if "avx2" in flags:
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+        below_avx512 = bfloat16 and "avx512f" not in flags
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0" if below_avx512 else "1")
 
 
 def onednn_setting():
@@ -624,6 +627,14 @@ def find_gpus():
     return gpus
 
 
+def native_bf16(gpus, flags):
+    """Does this machine compute bf16 natively: its first GPU (from compute capability 8.0) or,
+    without one, its CPU (AVX512_BF16 or AMX)?"""
+    if gpus:
+        return gpus[0]["compute_capability"] >= (8, 0)
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
 def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
     """Where to train and how: device, precision, batches whole or in halves, threads.
 
@@ -631,27 +642,26 @@ def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
     the reason for each: the header line and metrics.json show both.
     """
     model_name, flags = cpu
+    native = native_bf16(gpus, flags)
     if gpus:  # without a distribution strategy, TensorFlow computes on the first GPU
         capability = gpus[0]["compute_capability"]
         device = f"GPU ({gpus[0]['name']})"
-        native_bf16 = capability >= (8, 0)
         why_precision = f"compute capability {capability[0]}.{capability[1]}: bf16 is " + (
-            "native" if native_bf16 else "native only from 8.0, so float32"
+            "native" if native else "native only from 8.0, so float32"
         )
         split, why_split = False, "on a GPU a whole batch is one kernel per layer already"
         threads, why_threads = None, "TensorFlow's own on a GPU"
     else:
         device = f"CPU ({model_name}, {cpu_class(flags)}, {cores} cores)"
-        native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
         why_precision = "the CPU " + (
-            "computes bf16 natively" if native_bf16 else "has no native bf16, so float32"
+            "computes bf16 natively" if native else "has no native bf16, so float32"
         )
         split, why_split = split_rule(args, n_fit, n_held_out, cores)
         threads = {"intra_op": cores // 2, "inter_op": 2} if split else None
         why_threads = "half the cores for each half" if split else "TensorFlow's own"
     precision = args.precision
     if precision == "auto":
-        precision = "bfloat16" if native_bf16 else "float32"
+        precision = "bfloat16" if native else "float32"
     else:
         why_precision = f"--precision {precision}"
     return {
@@ -1291,7 +1301,22 @@ def load_trained_model(path):
             f"{path}: this model maps {input_shape[1:]} to {output_shape[1:]}, not a 28x28x1 "
             f"image or a {BACKBONE_SIZE}x{BACKBONE_SIZE} colour photo to 10 Fashion-MNIST classes"
         )
+    if not native_bf16(find_gpus(), cpu_info()[1]):
+        in_float32(model)
     return model
+
+
+def in_float32(model):
+    """Make a model trained in bf16 (where that is native) compute in float32, as it must on
+    a machine without native bf16: oneDNN has no bf16 convolutions for AVX2 CPUs (the model
+    would fail there), and elsewhere they would be emulated. Mixed precision kept the weights
+    float32, so only the rounding of what is computed changes."""
+    layers = [model]
+    while layers:
+        layer = layers.pop()
+        layers += getattr(layer, "layers", [])  # models within the model
+        if layer.dtype_policy.compute_dtype == "bfloat16":
+            layer.dtype_policy = "float32"
 
 
 def declared_preparation(path):
@@ -2058,6 +2083,8 @@ def start_tensorflow_quietly():
 
 def run_training(args):
     """arguments -> data -> model -> train -> evaluate -> figures -> save."""
+    # Before anything imports TensorFlow (the download does); the first choice stands.
+    choose_onednn(cpu_info()[1], bfloat16=args.precision == "bfloat16")
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(args.data_dir)
     fit, held_out = split_validation(len(x_train), args.validation_split, args.seed)
     if max(args.samples) >= len(x_test):

@@ -314,6 +314,17 @@ def test_whole_batches_when_asked_or_when_halves_cannot_be(tmp_path, n_train, ar
         assert reason in compute["why"]["split_batches"], compute["why"]
 
 
+def test_bf16_asked_of_an_avx2_cpu_trains_on_tensorflows_own_kernels(data_dir, tmp_path):
+    # oneDNN has no bf16 convolutions below AVX-512: with it on, the first step would fail.
+    # The cap makes any machine's oneDNN an AVX2 CPU's.
+    result = run_program(
+        "--data-dir", data_dir, "--epochs", "1", "--no-show", "--out-dir", tmp_path / "out",
+        "--precision", "bfloat16", env={"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bfloat16" in result.stdout and "oneDNN off" in result.stdout, result.stdout
+
+
 def test_augment_trains_the_classic_model_and_saves_it_without_augmentation(data_dir, tmp_path):
     out = tmp_path / "out"
     result = run_program(

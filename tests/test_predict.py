@@ -330,6 +330,41 @@ def test_unusable_models_are_refused(tmp_path, capsys, make, message):
     assert len(err) == 1 and message in err[0].lower(), err
 
 
+def in_bf16(model_path, path):
+    """The model as the default run saves it where the CPU or GPU computes bf16 natively."""
+    model = fm.build_model("bfloat16")
+    model.set_weights(keras.models.load_model(model_path).get_weights())
+    model.save(path)
+    return path
+
+
+def compute_dtypes(model):
+    return {layer.dtype_policy.compute_dtype for layer in [model, *model.layers]}
+
+
+def test_a_bf16_model_computes_in_float32_where_bf16_is_not_native(
+    model_path, tmp_path, monkeypatch
+):
+    bf16 = in_bf16(model_path, tmp_path / "bf16.keras")
+    monkeypatch.setattr(fm, "find_gpus", lambda: [])
+    monkeypatch.setattr(fm, "cpu_info", lambda: ("CPU", {"avx2", "avx512f", "avx512_bf16"}))
+    kept = fm.load_trained_model(bf16)  # the model and its softmax layer compute in float32
+    assert compute_dtypes(kept) == {"bfloat16", "float32"}
+    monkeypatch.setattr(fm, "cpu_info", lambda: ("CPU", {"avx2", "avx512f"}))
+    assert compute_dtypes(fm.load_trained_model(bf16)) == {"float32"}
+
+
+def test_a_model_trained_in_bf16_predicts_on_an_avx2_cpu(model_path, tmp_path):
+    # A model from a machine with native bf16, used on a laptop: oneDNN has no bf16 convolutions
+    # for AVX2 CPUs, so in bf16 it would fail; in float32 it answers as a float32 model does.
+    bf16 = in_bf16(model_path, tmp_path / "bf16.keras")
+    small, _ = as_picture_files(framed_items(np.array([3]))[0], tmp_path, "x")
+    avx2 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # any machine's oneDNN then computes as an AVX2 CPU's
+    result = run_program("predict", bf16, small, env=avx2)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    assert result.stdout == run_program("predict", model_path, small, env=avx2).stdout
+
+
 def test_predict_as_a_command(model_path, tmp_path):
     small, _ = as_picture_files(framed_items(np.array([2]))[0], tmp_path, "x")
     result = run_program("predict", model_path, small)
