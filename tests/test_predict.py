@@ -139,13 +139,14 @@ def test_a_shoe_shot_at_an_angle_is_turned_to_stand_level(tmp_path):
     boot[60:90, 20:180] = 200  # the foot
     boot[30:60, 120:180] = 200  # the shaft
     tilted = np.asarray(Image.fromarray(boot).rotate(-15, Image.Resampling.BILINEAR, expand=True))
-    level = fm.levelled(tilted, fm.median_box(tilted > 13))
-    left, top, right, bottom = fm.median_box(level > 13)
-    mask = level[top:bottom, left:right] > 13
+    level = fm.levelled(tilted, fm.median_box(tilted > fm.ITEM_LEVEL))
+    left, top, right, bottom = fm.median_box(level > fm.ITEM_LEVEL)
+    mask = level[top:bottom, left:right] > fm.ITEM_LEVEL
     columns = np.flatnonzero(mask.any(axis=0))
     lowest = mask.shape[0] - 1 - np.argmax(mask[::-1, columns], axis=0)
     assert abs(np.polyfit(columns, lowest, 1)[0]) < 0.02  # its sole level again (0.18 tilted)
-    assert (fm.levelled(boot, fm.median_box(boot > 13)) == boot).all()  # level already: as it is
+    level_already = fm.levelled(boot, fm.median_box(boot > fm.ITEM_LEVEL))
+    assert (level_already == boot).all()  # left as it is
     # Photographed tilted, it prepares as it does level: 8 apart (40 if not turned).
     photos = []
     for name, item in [("level.png", boot), ("tilted.png", tilted)]:
