@@ -1356,6 +1356,8 @@ def open_picture(path, fit=None):
                 if image.format not in ("PNG", "JPEG"):
                     raise UserError(f"{path}: a {image.format} image, expected PNG or JPEG")
                 picture = image
+                if image.mode in ("I", "I;16", "I;16B"):  # 16-bit grey, which Pillow clips
+                    picture = image.convert("I").point(lambda v: v / 257).convert("L")
                 if fit:
                     if image.mode in ("1", "P"):  # shrinking these would pick, not average
                         picture = image.convert("RGBA" if image.has_transparency_data else "RGB")
@@ -1417,7 +1419,11 @@ def prepare_image(path, fashion_mnist_view=True):
         # Fashion-MNIST's lie flat, 3/4 as wide as tall (their median). Narrowed to that, a
         # worn jacket stops looking like a bag (benchmarks/README.md).
         grey = grey.resize((3 * grey.height // 4, grey.height), Image.Resampling.BOX)
-    grey = ImageOps.contain(grey, (28, 28), Image.Resampling.LANCZOS)
+    # Longest edge to 28 (ImageOps.contain's rounding), and never under a pixel: a belt or a
+    # strap may be 60 times longer than it is thick.
+    longest = max(grey.size)
+    size = tuple(max(1, round(side / longest * 28)) for side in grey.size)
+    grey = grey.resize(size, Image.Resampling.LANCZOS)
     grey = grey.filter(ImageFilter.UnsharpMask(radius=1, percent=100, threshold=0))
     top = max(float(np.percentile(np.asarray(grey), 99.5)), 1.0)
     grey = grey.point(lambda v: min(255, round(v * 255 / top)))

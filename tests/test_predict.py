@@ -117,6 +117,31 @@ def test_prepare_image_makes_a_centred_light_on_dark_28x28(tmp_path):
     assert cols.max() - cols.min() < 16
 
 
+@pytest.mark.parametrize("size", [(600, 4), (4, 600)])  # a belt, lying or hanging
+def test_an_item_far_longer_than_thick_keeps_a_pixel_of_thickness(tmp_path, size):
+    width, height = size
+    picture = np.full((height + 100, width + 100, 3), 245, np.uint8)
+    picture[50 : 50 + height, 50 : 50 + width] = (60, 40, 30)
+    Image.fromarray(picture).save(tmp_path / "belt.png")
+    image = fm.prepare_image(tmp_path / "belt.png")
+    rows, cols = np.nonzero(image > 128)
+    long_side, thickness = (cols, rows) if width > height else (rows, cols)
+    assert np.ptp(long_side) >= 26 and np.ptp(thickness) <= 1
+
+
+@pytest.mark.parametrize("size", [(150, 100), (600, 400)])  # kept as it is, and shrunk first
+@pytest.mark.parametrize("prepare", [fm.prepare_image, fm.prepare_colour])
+def test_a_16_bit_grey_png_is_prepared_as_its_8_bit_copy(tmp_path, size, prepare):
+    height, width = size
+    picture = np.full(size, 240, np.uint16)
+    picture[height // 6 : -height // 6, width // 3 : -width // 3] = 40
+    picture[height // 4 : height // 3, width // 3 : width // 2] = 90
+    Image.fromarray(picture.astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(picture * 257).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode == "I;16"
+    assert (prepare(tmp_path / "16.png") == prepare(tmp_path / "8.png")).all()
+
+
 def test_shoes_are_turned_to_point_left_as_in_fashion_mnist(tmp_path):
     boot = np.zeros((28, 28), np.uint8)
     boot[4:24, 3:10] = 200  # the shaft, on the left
