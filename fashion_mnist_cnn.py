@@ -1393,15 +1393,7 @@ def prepare_image(path, fashion_mnist_view=True):
     from PIL import Image, ImageFilter, ImageOps
 
     picture = open_picture(path, fit=224)  # BOX shrinking averages away sensor noise, too
-    pixels = np.asarray(picture, np.float32)
-    border = border_pixels(pixels)
-    background = np.median(border, axis=0)
-    # Distance from the background colour: for a dark item on white, exactly the negative.
-    distance = colour_distance(pixels, background)
-    # The background's own noise, from the border's median distance (robust to an item that
-    # touches the border); for Gaussian noise, 2.5x the median is about its 99th percentile.
-    noise = 2.5 * np.median(colour_distance(border, background))
-    item = np.clip(distance - noise, 0, 255).astype(np.uint8)
+    item = standing_out(path, np.asarray(picture, np.float32))
     box = median_box(item > ITEM_LEVEL)  # trimmed as Fashion-MNIST's items were
     face = find_face(picture, box) if box and fashion_mnist_view else None
     if face is not None:  # worn by a model: Fashion-MNIST shows the garment alone
@@ -1539,6 +1531,23 @@ def garment_only(item, picture, face):
     return item
 
 
+def standing_out(path, pixels):
+    """How far each pixel of an (H, W, 3) photo stands out from its background (the colour of
+    its border), less the background's own noise: uint8, 0-255. A blank photo (a shop's
+    placeholder, say) is one clear error rather than a confident answer about nothing."""
+    border = border_pixels(pixels)
+    background = np.median(border, axis=0)
+    # Distance from the background colour: for a dark item on white, exactly the negative.
+    distance = colour_distance(pixels, background)
+    # The background's own noise, from the border's median distance (robust to an item that
+    # touches the border); for Gaussian noise, 2.5x the median is about its 99th percentile.
+    noise = 2.5 * np.median(colour_distance(border, background))
+    item = np.clip(distance - noise, 0, 255).astype(np.uint8)
+    if not item.any():
+        raise UserError(f"{path}: a blank photo, nothing in it stands out from its background")
+    return item
+
+
 def colour_distance(pixels, colour):
     """Each pixel's distance from a colour, 0-255 (einsum: twice as fast as np.linalg.norm)."""
     difference = pixels - colour
@@ -1573,6 +1582,7 @@ def prepare_colour(path):
     from PIL import Image, ImageOps
 
     picture = open_picture(path, fit=BACKBONE_SIZE)
+    standing_out(path, np.asarray(picture, np.float32))  # a blank photo is refused here too
     background = tuple(int(v) for v in np.median(border_pixels(np.asarray(picture)), axis=0))
     size = (BACKBONE_SIZE, BACKBONE_SIZE)
     return np.asarray(ImageOps.pad(picture, size, Image.Resampling.BILINEAR, color=background))

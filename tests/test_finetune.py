@@ -238,6 +238,9 @@ def write_bad_folder(root, case):
     elif case == "damaged":
         write_photo(folder / "Bag" / "a.jpg", image)
         (folder / "Bag" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    elif case == "blank":
+        write_photo(folder / "Bag" / "a.jpg", image)
+        Image.new("RGB", (300, 400), "white").save(folder / "Bag" / "b.jpg")
     elif case == "few":
         for n in range(3):
             write_photo(folder / "Bag" / f"{n}.jpg", image)
@@ -259,6 +262,7 @@ def write_bad_folder(root, case):
         ("empty", ["Coat: no png or jpeg photos"]),
         ("text", ["b.txt", "refuses it rather than skip"]),
         ("damaged", ["b.jpg", "damaged image"]),
+        ("blank", ["b.jpg", "a blank photo"]),
         ("few", ["too few photos for the hold-out", "Coat has 1"]),
         ("loose", ["stray.jpg", "has no label"]),
         ("file", ["not a folder"]),

@@ -291,6 +291,7 @@ def bad_images(folder):
     Image.new("L", (64, 64), 128).save(folder / "whole.png")
     (folder / "truncated.png").write_bytes((folder / "whole.png").read_bytes()[:60])
     Image.new("L", (40, 40)).save(folder / "picture.gif")
+    Image.new("RGB", (300, 400), (230, 225, 220)).save(folder / "blank.jpg")  # a placeholder
     return {
         "missing.png": "no such image file",
         "notes.png": "not a png or jpeg",
@@ -298,6 +299,7 @@ def bad_images(folder):
         "bomb.png": "pillow's safety limit",
         "half-bomb.png": "pillow's safety limit",
         "picture.gif": "expected png or jpeg",
+        "blank.jpg": "a blank photo",
     }
 
 
@@ -314,6 +316,7 @@ def test_bad_images_are_reported_and_the_rest_still_classified(model_path, tmp_p
         "bomb.png",
         "half-bomb.png",
         "picture.gif",
+        "blank.jpg",
     ]
     code = fm.main(["predict", str(model_path), *[str(tmp_path / n) for n in names]])
     out, err = capsys.readouterr()
