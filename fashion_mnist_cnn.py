@@ -271,8 +271,8 @@ def parse_predict_args(argv):
         "--csv",
         type=Path,
         metavar="FILE",
-        help="write one row per image to FILE as they are done (replacing FILE), and print a "
-        "summary instead of a line per image",
+        help="write one row per image to FILE as they are done (replacing FILE if predict "
+        "wrote it; any other file is left alone), and print a summary instead of a line per image",
     )
     parser.add_argument(
         "--resume",
@@ -1067,6 +1067,12 @@ def prepare_out_dir(out_dir, overwrite, suffix="", resume=False, command="traini
             out_dir = Path("runs") / f"{stamp}-{n}"
     elif (out_dir / "metrics.json").exists() and not (overwrite or unfinished):
         raise UserError(f"--out-dir {out_dir} holds a finished run; pass --overwrite to replace it")
+    elif (out_dir / "model.keras").exists() and not (overwrite or unfinished):
+        # A model put there by hand, perhaps the very one being fine-tuned.
+        raise UserError(
+            f"--out-dir {out_dir} holds a model.keras that this run would replace; give another "
+            "--out-dir, or --overwrite to replace it"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -1286,6 +1292,10 @@ def load_trained_model(path):
     224x224 colour photos (finetune --backbone's) to 10 classes."""
     import keras
 
+    if path.is_dir():
+        inside = path / "model.keras"
+        hint = f"; the run's model is {inside}" if inside.is_file() else ""
+        raise UserError(f"{path}: a folder, not a model file{hint}")
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
     try:
@@ -1778,6 +1788,23 @@ def read_rows_done(path, paths):
     return rows, len(text.encode())
 
 
+def refuse_to_replace_other_files(path):
+    """--csv replaces its file; refused if that file holds anything but predict's rows (a photo
+    or the model, named by a slip of the shell: `--csv *.jpg`)."""
+    try:
+        with path.open("rb") as file:
+            first_line = file.readline().rstrip(b"\r\n")
+    except (FileNotFoundError, IsADirectoryError):
+        return  # nothing to lose; a folder is reported when the CSV is opened
+    except OSError as error:
+        raise UserError(f"--csv {path}: cannot be read ({error.strerror})") from None
+    if first_line and first_line != ",".join(CSV_HEADER).encode():
+        raise UserError(
+            f"--csv {path}: not a CSV written by predict, so it is left as it is; give another "
+            "--csv, or remove that file first"
+        )
+
+
 @contextlib.contextmanager
 def predictions_csv(path, resume_from=None):
     """A CSV writer that rows go to as they are done, flushed by the caller after each batch.
@@ -2200,6 +2227,8 @@ def run_predict(args):
     -> rows written and progress shown as they are done -> a summary."""
     start = time.perf_counter()
     paths = find_images(args.paths)
+    if args.csv and not args.resume:
+        refuse_to_replace_other_files(args.csv)
     rows, rows_bytes = read_rows_done(args.csv, paths) if args.resume else ([], 0)
     done_before = {row[0] for row in rows}
     todo = [path for path in paths if str(path) not in done_before]

@@ -120,9 +120,27 @@ def test_resume_drops_a_row_cut_off_by_a_kill(model_path, photos, uninterrupted,
 
 def test_without_resume_an_existing_csv_is_replaced(model_path, photos, uninterrupted, tmp_path):
     table = tmp_path / "out.csv"
-    table.write_text("whatever was here\n")
+    csv_of_another_folder(table, uninterrupted)  # an earlier run's rows
     assert predict(model_path, photos, "--csv", table) == 1
     assert read_csv(table) == uninterrupted
+
+
+@pytest.mark.parametrize("named", ["a photo", "the model", "another table"])
+def test_a_csv_naming_a_file_predict_did_not_write_leaves_it_alone(
+    model_path, photos, tmp_path, capsys, named
+):
+    """`--csv *.jpg` in a shell names the first photo; a slip can name the model."""
+    photo, model = tmp_path / "photo.jpg", tmp_path / "model.keras"
+    photo.write_bytes(a_bag(photos).read_bytes())
+    model.write_bytes(model_path.read_bytes())
+    table = {"a photo": photo, "the model": model, "another table": tmp_path / "prices.csv"}[named]
+    if named == "another table":
+        table.write_text("sku,price\n1,9.99\n")
+    before = table.read_bytes()
+    assert predict(model, photo, "--csv", table) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a CSV written by predict" in err[0], err
+    assert table.read_bytes() == before
 
 
 def write_rows(path, rows):

@@ -239,6 +239,17 @@ def test_finished_run_is_not_overwritten(finished_run, data_dir):
     assert before == after
 
 
+def test_a_model_put_in_the_out_dir_by_hand_is_not_overwritten(finished_run, data_dir, tmp_path):
+    _, out, _ = finished_run
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(out / "model.keras", models)
+    result = run_program("--data-dir", data_dir, "--out-dir", models, "--no-show")
+    assert_clean_failure(result, "holds a model.keras that this run would replace")
+    assert (models / "model.keras").read_bytes() == (out / "model.keras").read_bytes()
+    assert [p.name for p in models.iterdir()] == ["model.keras"]
+
+
 def damage(folder, name, how):
     path = folder / name
     data = path.read_bytes()

@@ -277,6 +277,19 @@ def test_finetune_bad_folder_one_line_nothing_written(model_path, tmp_path, case
     assert not out.exists()
 
 
+def test_finetune_into_the_folder_of_the_model_it_tunes_leaves_the_model_alone(
+    model_path, tmp_path
+):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "model.keras").write_bytes(model_path.read_bytes())  # put there by hand
+    photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
+    result = run_program("finetune", models / "model.keras", photos, "--out-dir", models)
+    assert_clean_failure(result, "holds a model.keras that this run would replace", "--overwrite")
+    assert (models / "model.keras").read_bytes() == model_path.read_bytes()
+    assert [p.name for p in models.iterdir()] == ["model.keras"]
+
+
 def test_finetune_refuses_a_model_of_another_shape(tmp_path):
     photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
     rgb = tmp_path / "rgb.keras"

@@ -338,6 +338,7 @@ def save_model(path, input_shape, classes, lambda_layer=False):
     if lambda_layer:
         layers.append(keras.layers.Lambda(lambda x: x * 2))  # code stored in the file
     model = keras.Sequential([*layers, keras.layers.Dense(classes, activation="softmax")])
+    path.parent.mkdir(exist_ok=True)
     model.save(path)
     return path
 
@@ -346,6 +347,7 @@ def save_model(path, input_shape, classes, lambda_layer=False):
     "make, message",
     [
         (lambda d: d / "missing.keras", "no such model file"),
+        (lambda d: save_model(d / "run" / "model.keras", (28, 28, 1), 10).parent, "run's model is"),
         (lambda d: text_file(d / "text.keras"), "not a usable"),
         (lambda d: save_model(d / "rgb.keras", (32, 32, 3), 10), "not a 28x28x1 image"),
         (lambda d: save_model(d / "five.keras", (28, 28, 1), 5), "to 10 fashion-mnist classes"),
