@@ -1855,12 +1855,18 @@ def classify_catalogue(model, prepared, args, rows_bytes, each_line, progress):
     return results, done, errors, state["signal"]
 
 
+def per_second(done, seconds):
+    """'145 a second', or '0.5 a second' for a few photos (TensorFlow's start dominates)."""
+    rate = done / seconds if seconds > 0 else 0.0
+    return f"{rate:,.{0 if rate >= 10 else 1}f} a second"
+
+
 def progress_text(done, total, seconds):
     rate = done / seconds if seconds > 0 else 0.0
     left = (total - done) / rate if rate else 0.0
     clock = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
     when = f"{clock.removeprefix('0:')} left" if done < total else f"done in {seconds:.0f} s"
-    return f"{done:,}/{total:,} photos, {rate:,.0f} a second, {when}"
+    return f"{done:,}/{total:,} photos, {per_second(done, seconds)}, {when}"
 
 
 def show_progress(total, on_terminal, start):
@@ -2252,7 +2258,7 @@ def run_predict(args):
         before = f"; {len(rows):,} were in it already" if rows else ""
         print(
             f"Classified {done - errors:,} of {done:,} photos in {seconds:.1f} s "
-            f"({done / max(seconds, 1e-9):,.0f} a second), {errors:,} could not be read; "
+            f"({per_second(done, seconds)}), {errors:,} could not be read; "
             f"rows in {args.csv}{before}"
         )
     if stop_signal:

@@ -195,6 +195,10 @@ def test_progress_off_a_terminal_is_a_line_now_and_then_on_stderr(
     assert len(progress) == 6
 
 
+def test_a_rate_of_a_few_photos_a_second_keeps_a_decimal():
+    assert fm.per_second(1, 2.2) == "0.5 a second" and fm.per_second(1000, 6.9) == "145 a second"
+
+
 def test_a_short_run_prints_no_progress(model_path, photos, capsys):
     assert predict(model_path, a_bag(photos)) == 0
     out, err = capsys.readouterr()
