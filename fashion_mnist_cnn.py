@@ -1762,6 +1762,8 @@ def read_rows_done(path, paths):
 
     if not path.exists():
         return [], 0  # stopped before its first row: nothing to skip
+    if not path.is_file():  # a folder, or a device that never ends (/dev/zero)
+        refuse("cannot be read as a CSV (not a file)")
     try:
         data = path.read_bytes()
         text = data[: data.rfind(b"\n") + 1].decode()
@@ -1791,14 +1793,15 @@ def read_rows_done(path, paths):
 def refuse_to_replace_other_files(path):
     """--csv replaces its file; refused if that file holds anything but predict's rows (a photo
     or the model, named by a slip of the shell: `--csv *.jpg`)."""
+    header = ",".join(CSV_HEADER).encode()
+    if not path.is_file():
+        return  # nothing to lose (a folder is reported when the CSV is opened; /dev/null is fine)
     try:
         with path.open("rb") as file:
-            first_line = file.readline().rstrip(b"\r\n")
-    except (FileNotFoundError, IsADirectoryError):
-        return  # nothing to lose; a folder is reported when the CSV is opened
+            first_line = file.readline(len(header) + 2).rstrip(b"\r\n")
     except OSError as error:
         raise UserError(f"--csv {path}: cannot be read ({error.strerror})") from None
-    if first_line and first_line != ",".join(CSV_HEADER).encode():
+    if first_line and first_line != header:
         raise UserError(
             f"--csv {path}: not a CSV written by predict, so it is left as it is; give another "
             "--csv, or remove that file first"
@@ -1821,16 +1824,25 @@ def predictions_csv(path, resume_from=None):
             file = path.open("w", newline="", encoding="utf-8")
     except OSError as error:
         raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
-    with file:
-        writer = csv.writer(file)
+    writer = csv.writer(file)
 
-        def write_rows(rows):
+    def write_rows(rows):
+        try:
             writer.writerows(rows)
             file.flush()
+        except OSError as error:  # the disk is full, say: the rows written so far stay whole
+            raise UserError(
+                f"--csv {path}: cannot write there ({error.strerror}); once there is room, add "
+                "--resume to classify the rest"
+            ) from None
 
+    try:
         if not resume_from:
             write_rows([CSV_HEADER])
         yield write_rows
+    finally:
+        with contextlib.suppress(OSError):  # what could not be written has been reported
+            file.close()
 
 
 def classify_catalogue(model, prepared, args, rows_bytes, each_line, progress):

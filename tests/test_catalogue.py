@@ -3,13 +3,23 @@
 import csv
 import json
 import os
+import resource
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean_failure, photo_folder, run_program, start_program, write_photo
+from conftest import (
+    PROGRAM,
+    assert_clean_failure,
+    photo_folder,
+    run_program,
+    start_program,
+    write_photo,
+)
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -180,6 +190,36 @@ def test_resume_from_a_csv_that_is_a_folder_is_one_clear_line(model_path, photos
     result = run_program("predict", model_path, photos, "--csv", tmp_path / "out.csv", "--resume")
     assert_clean_failure(result, "--resume", "cannot be read as a csv")
     assert (tmp_path / "out.csv").is_dir()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_under_the_csv_is_one_clear_line(model_path, photos, capsys):
+    assert predict(model_path, photos, "--csv", "/dev/full") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on device" in err[0].lower() and "--resume" in err[0]
+
+
+NEVER_ENDS = """
+import sys
+from pathlib import Path
+import fashion_mnist_cnn as fm
+fm.refuse_to_replace_other_files(Path("/dev/zero"))  # written to, as the user asked
+try:
+    fm.read_rows_done(Path("/dev/zero"), [])
+except fm.UserError as error:
+    sys.exit(str(error))
+"""
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_csv_that_never_ends_is_never_read_whole():
+    """Read whole, /dev/zero would fill the memory: under a 1 GB limit, a MemoryError."""
+    result = subprocess.run(
+        [sys.executable, "-c", NEVER_ENDS],
+        capture_output=True, text=True, timeout=60, cwd=PROGRAM.parent,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30)),
+    )  # fmt: skip
+    assert_clean_failure(result, "--resume: /dev/zero cannot be read as a CSV (not a file)")
 
 
 def test_progress_off_a_terminal_is_a_line_now_and_then_on_stderr(
