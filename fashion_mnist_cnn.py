@@ -1638,6 +1638,9 @@ PREPARE_CHUNK = 8  # photos per task sent to a preparing process: fewer, cheaper
 BATCHES_AHEAD = 16  # prepared or being prepared: at 784 bytes a photo, the window costs nothing
 PROGRESS_EVERY = 10  # seconds between progress lines when stderr is not a terminal
 CSV_HEADER = ["path", "class", "probability", "top3", "error"]
+# A file name that is not UTF-8 (copied from an old system) goes into the CSV as its own bytes,
+# as `ls` shows it, and --resume reads it back to the same path.
+FILE_NAME_BYTES = "surrogateescape"
 
 
 def prepare_chunk(paths, prepare):
@@ -1766,10 +1769,11 @@ def read_rows_done(path, paths):
         refuse("cannot be read as a CSV (not a file)")
     try:
         data = path.read_bytes()
-        text = data[: data.rfind(b"\n") + 1].decode()
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         refuse(f"cannot be read as a CSV ({getattr(error, 'strerror', None) or error})")
+    rows_end = data.rfind(b"\n") + 1  # a row cut off after its last newline is left out
     try:
+        text = data[:rows_end].decode(errors=FILE_NAME_BYTES)
         rows = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as error:
         refuse(f"is damaged ({error})")
@@ -1787,7 +1791,7 @@ def read_rows_done(path, paths):
         if row[0] in seen:
             refuse(f"lists {row[0]} twice")
         seen.add(row[0])
-    return rows, len(text.encode())
+    return rows, rows_end
 
 
 def refuse_to_replace_other_files(path):
@@ -1817,11 +1821,11 @@ def predictions_csv(path, resume_from=None):
 
     try:
         if resume_from:
-            file = path.open("r+", newline="", encoding="utf-8")
+            file = path.open("r+", newline="", encoding="utf-8", errors=FILE_NAME_BYTES)
             file.truncate(resume_from)
             file.seek(resume_from)
         else:
-            file = path.open("w", newline="", encoding="utf-8")
+            file = path.open("w", newline="", encoding="utf-8", errors=FILE_NAME_BYTES)
     except OSError as error:
         raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
     writer = csv.writer(file)
@@ -2381,6 +2385,8 @@ def run_finetune(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8, printed as ls does
+        sys.stdout.reconfigure(errors=FILE_NAME_BYTES)
     try:
         if argv[:1] == ["predict"]:
             return run_predict(parse_predict_args(argv[1:]))

@@ -16,6 +16,7 @@ from conftest import (
     PROGRAM,
     assert_clean_failure,
     photo_folder,
+    program_env,
     run_program,
     start_program,
     write_photo,
@@ -166,7 +167,7 @@ def csv_of_another_folder(path, rows):
     "damage, message",
     [
         (csv_of_another_folder, "not among the photos given"),
-        (lambda path, rows: path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe binary\n"), "cannot be"),
+        (lambda path, rows: path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe binary\n"), "not written"),
         (lambda path, rows: path.write_text("name,label\na.jpg,Bag\n"), "not written by predict"),
         (lambda path, rows: path.write_text(",".join(rows[0]) + "\nx.jpg,Hat,1\n"), "damaged"),
         (lambda path, rows: path.write_text(",".join(rows[0]) + '\n"a.jpg\n'), "damaged"),
@@ -233,6 +234,43 @@ def test_progress_off_a_terminal_is_a_line_now_and_then_on_stderr(
     assert progress[0].startswith("4/22 photos, ") and progress[0].endswith(" left")
     assert progress[-1].startswith("22/22 photos, ") and " a second, done in " in progress[-1]
     assert len(progress) == 6
+
+
+def photo_named_in_latin_1(photos, folder):
+    """A photo whose file name is not UTF-8 (b'\xe9' is Latin-1's e acute), where the file
+    system allows it (Linux does; macOS does not)."""
+    folder.mkdir()
+    path = folder / os.fsdecode("sac-\xe0-main-\xe9t\xe9.jpg".encode("latin-1"))
+    try:
+        path.write_bytes(a_bag(photos).read_bytes())
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system keeps only UTF-8 names")
+    return path
+
+
+def test_a_file_name_that_is_not_utf8_is_written_and_resumed_as_it_is(
+    model_path, photos, tmp_path, capsys
+):
+    photo = photo_named_in_latin_1(photos, tmp_path / "old")
+    table = tmp_path / "out.csv"
+    assert predict(model_path, photo.parent, "--csv", table) == 0
+    assert os.fsencode(photo) in table.read_bytes()  # the name's own bytes, as ls shows them
+    assert predict(model_path, photo.parent, "--csv", table, "--resume") == 0
+    assert "1 were in it already" in capsys.readouterr().out
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_where_the_output_must_be_utf8(
+    model_path, photos, tmp_path
+):
+    photo = photo_named_in_latin_1(photos, tmp_path / "old")
+    result = subprocess.run(
+        [sys.executable, str(PROGRAM), "predict", str(model_path), str(photo)],
+        capture_output=True,  # bytes: the line holds the name's own
+        env=program_env({"PYTHONIOENCODING": "utf-8:strict"}),
+        timeout=300,
+    )
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith(os.fsencode(photo) + b": ")
 
 
 def test_a_rate_of_a_few_photos_a_second_keeps_a_decimal():
