@@ -1541,21 +1541,38 @@ def garment_only(item, picture, face):
     return item
 
 
-def standing_out(path, pixels):
-    """How far each pixel of an (H, W, 3) photo stands out from its background (the colour of
-    its border), less the background's own noise: uint8, 0-255. A blank photo (a shop's
-    placeholder, say) is one clear error rather than a confident answer about nothing."""
+def background_of(pixels):
+    """The colour of an (H, W, 3) photo's border (its background, mostly) and that colour's own
+    noise: 2.5x the border's median distance from it, robust to an item that touches the border
+    (for Gaussian noise, about its 99th percentile)."""
     border = border_pixels(pixels)
     background = np.median(border, axis=0)
-    # Distance from the background colour: for a dark item on white, exactly the negative.
-    distance = colour_distance(pixels, background)
-    # The background's own noise, from the border's median distance (robust to an item that
-    # touches the border); for Gaussian noise, 2.5x the median is about its 99th percentile.
-    noise = 2.5 * np.median(colour_distance(border, background))
-    item = np.clip(distance - noise, 0, 255).astype(np.uint8)
+    return background, 2.5 * np.median(colour_distance(border, background))
+
+
+def standing_out(path, pixels):
+    """How far each pixel of an (H, W, 3) photo stands out from its background, less the
+    background's noise: uint8, 0-255 (for a dark item on white, exactly the negative). A blank
+    photo (a shop's placeholder, say) is one clear error rather than a confident answer about
+    nothing."""
+    background, noise = background_of(pixels)
+    item = np.clip(colour_distance(pixels, background) - noise, 0, 255).astype(np.uint8)
     if not item.any():
         raise UserError(f"{path}: a blank photo, nothing in it stands out from its background")
     return item
+
+
+def refuse_blank(path, picture):
+    """standing_out's refusal without its map, for an RGB picture on the colour route; returns
+    the background colour. A channel whose extreme lies sqrt(3) x (noise + 1) from it puts that
+    pixel past the noise, which settles almost every photo at under half the cost (the map cost
+    5% of the catalogue's time with a --backbone model)."""
+    pixels = np.asarray(picture, np.float32)
+    background, noise = background_of(pixels)
+    extremes = np.array(picture.getextrema(), np.float32).T  # Pillow's: 8x numpy's min, max
+    if not (np.abs(extremes - background) > np.sqrt(3) * (noise + 1)).any():
+        standing_out(path, pixels)  # near blank: measured pixel by pixel
+    return background
 
 
 def colour_distance(pixels, colour):
@@ -1592,8 +1609,7 @@ def prepare_colour(path):
     from PIL import Image, ImageOps
 
     picture = open_picture(path, fit=BACKBONE_SIZE)
-    standing_out(path, np.asarray(picture, np.float32))  # a blank photo is refused here too
-    background = tuple(int(v) for v in np.median(border_pixels(np.asarray(picture)), axis=0))
+    background = tuple(int(v) for v in refuse_blank(path, picture))
     size = (BACKBONE_SIZE, BACKBONE_SIZE)
     return np.asarray(ImageOps.pad(picture, size, Image.Resampling.BILINEAR, color=background))
 

@@ -64,6 +64,22 @@ def test_colour_preparation_keeps_the_whole_photo_square_on_its_background(tmp_p
     assert np.abs(prepared[112, 112].astype(int) - (250, 240, 10)).max() < 10  # item centred
 
 
+@pytest.mark.parametrize("step", [0, 2, 5])  # 2: as faint as an item gets
+def test_both_routes_call_the_same_photos_blank(tmp_path, step):
+    photo = np.full((120, 90, 3), 200, np.uint8)
+    photo[40:80, 30:60] += np.uint8(step)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    outcomes = []
+    for prepare in (fm.prepare_image, fm.prepare_colour):
+        try:
+            prepare(tmp_path / "p.png")
+            outcomes.append("prepared")
+        except fm.UserError as error:
+            assert "a blank photo" in str(error)
+            outcomes.append("blank")
+    assert outcomes == ["blank" if step == 0 else "prepared"] * 2
+
+
 def test_the_model_file_says_which_photos_it_takes(tmp_path):
     colour = keras.Sequential([keras.Input((224, 224, 3)), keras.layers.Flatten()])
     colour.save(tmp_path / "colour.keras")
