@@ -14,6 +14,7 @@ and mistakes are answered at once; that is why some functions import it themselv
 import argparse
 import contextlib
 import datetime
+import errno
 import functools
 import gc
 import gzip
@@ -1152,6 +1153,12 @@ def save_backup(model, out_dir, command, options, progress):
     folder = out_dir / "backup"
     folder.mkdir(exist_ok=True)
     weights = folder / f"epoch-{progress['epochs_completed']}.weights.h5"
+    # h5py cannot close a file the disk had no room for, and HDF5 then crashes the program as
+    # it exits: room for the file (the weights and the optimizer's state) is made sure of first.
+    variables = model.weights + list(getattr(model.optimizer, "variables", []))
+    size = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
+    if shutil.disk_usage(folder).free < 2 * size + 2**20:
+        raise OSError(errno.ENOSPC, "No space left on device", str(weights))
     model.save_weights(weights)  # with the optimizer's state
     state = {
         "format": BACKUP_FORMAT,
@@ -2415,6 +2422,16 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file is written whole or not at all: the same command continues once there
+        # is room.
+        print(
+            "error: the disk is full; free some space and run the same command again: it continues",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

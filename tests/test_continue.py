@@ -1,6 +1,7 @@
 """Continuing a run after a hard stop: kill -9 at any point, then the same command, gives the
 numbers of an unbroken run; a damaged, foreign or mismatched backup is refused in one line."""
 
+import errno
 import hashlib
 import json
 import os
@@ -299,3 +300,23 @@ def test_finetune_killed_continues_to_the_unbroken_runs_numbers(unbroken, tmp_pa
     )
     assert_clean_failure(result, "was started from another model")
     assert folder_state(tmp_path / "other") == before
+
+
+def test_no_room_for_a_backup_is_found_before_h5py_starts_writing(tmp_path, monkeypatch):
+    """h5py cannot close a file the disk had no room for, and HDF5 then crashes at exit."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(fm.shutil, "disk_usage", lambda path: real(path)._replace(free=2**20))
+    with pytest.raises(OSError) as raised:
+        fm.save_backup(fm.build_model("float32"), tmp_path, "training", {}, {"epochs_completed": 0})
+    assert raised.value.errno == errno.ENOSPC
+    assert list((tmp_path / "backup").iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_that_says_the_same_command_continues(monkeypatch, capsys):
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/model.keras")
+
+    monkeypatch.setattr(fm, "run_training", full)
+    assert fm.main(["--epochs", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk is full" in err[0] and "same command" in err[0], err
