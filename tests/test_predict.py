@@ -6,7 +6,9 @@ import zlib
 import numpy as np
 import pytest
 from conftest import SHARED, SHOP_PHOTOS, assert_clean_failure, run_program, worn_photo, write_photo
-from PIL import Image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
 
 import fashion_mnist_cnn as fm
 
@@ -140,6 +142,49 @@ def test_a_16_bit_grey_png_is_prepared_as_its_8_bit_copy(tmp_path, size, prepare
     Image.fromarray(picture * 257).save(tmp_path / "16.png")
     assert Image.open(tmp_path / "16.png").mode == "I;16"
     assert (prepare(tmp_path / "16.png") == prepare(tmp_path / "8.png")).all()
+
+
+# Fuzzing: whatever picture arrives, each preparation returns its array or one clear error.
+PREPARED_SHAPES = {
+    fm.prepare_image: (28, 28),
+    fm.prepare_as_photographed: (28, 28),
+    fm.prepare_colour: (224, 224, 3),
+}
+colours = st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255))
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    size=st.tuples(st.integers(1, 640), st.integers(1, 640)),
+    background=colours,
+    items=st.lists(st.tuples(st.integers(0, 640), st.integers(0, 640), colours), max_size=3),
+    thickness=st.integers(1, 640),
+    mode=st.sampled_from(["RGB", "L", "RGBA", "LA", "P", "1", "I;16", "CMYK"]),
+    jpeg=st.booleans(),
+)
+def test_fuzz_any_picture_is_prepared_or_refused(
+    tmp_path, size, background, items, thickness, mode, jpeg
+):
+    picture = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(picture)
+    for x, y, colour in items:  # from thin strips to blocks: a belt, a shoe, a coat
+        draw.rectangle([x, y, x + thickness, y + max(1, 640 // thickness)], fill=colour)
+    if mode == "I;16":
+        picture = Image.fromarray(np.asarray(picture.convert("L")).astype(np.uint16) * 257)
+    else:
+        picture = picture.convert(mode)
+    jpeg = mode == "CMYK" or (jpeg and mode in ("RGB", "L"))  # PNG has no CMYK
+    path = tmp_path / ("fuzz.jpg" if jpeg else "fuzz.png")
+    picture.save(path, "JPEG" if jpeg else "PNG")
+    for prepare, shape in PREPARED_SHAPES.items():
+        try:
+            prepared = prepare(path)
+        except fm.UserError as error:
+            assert "a blank photo" in str(error)  # the only refusal a valid picture may get
+            continue
+        assert prepared.shape == shape and prepared.dtype == np.uint8
 
 
 def test_shoes_are_turned_to_point_left_as_in_fashion_mnist(tmp_path):
