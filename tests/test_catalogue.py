@@ -193,6 +193,18 @@ def test_resume_from_a_csv_that_is_a_folder_is_one_clear_line(model_path, photos
     assert (tmp_path / "out.csv").is_dir()
 
 
+def test_a_csv_that_cannot_be_read_is_not_replaced(tmp_path, monkeypatch):
+    table = tmp_path / "prices.csv"
+    table.write_text("sku,price\n")
+
+    def denied(self, *args, **kwargs):  # as for a file another user keeps to themselves
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(fm.Path, "open", denied)
+    with pytest.raises(fm.UserError, match="cannot be read .Permission denied."):
+        fm.refuse_to_replace_other_files(table)
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_a_full_disk_under_the_csv_is_one_clear_line(model_path, photos, capsys):
     assert predict(model_path, photos, "--csv", "/dev/full") == 1
