@@ -1074,6 +1074,8 @@ def prepare_out_dir(out_dir, overwrite, suffix="", resume=False, command="traini
             f"--out-dir {out_dir} holds a model.keras that this run would replace; give another "
             "--out-dir, or --overwrite to replace it"
         )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir}: a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()

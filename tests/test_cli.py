@@ -301,6 +301,9 @@ def test_out_dir_that_cannot_be_written(data_dir, tmp_path):
     result = run_program("--data-dir", data_dir, "--out-dir", blocker / "run", "--no-show")
     assert_clean_failure(result, "--out-dir", "cannot write")
     assert blocker.read_text() == "not a folder"
+    result = run_program("--data-dir", data_dir, "--out-dir", blocker, "--no-show")
+    assert_clean_failure(result, "--out-dir", "a file, not a folder")
+    assert blocker.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize(
