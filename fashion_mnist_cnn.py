@@ -1685,9 +1685,10 @@ def leave_signals_to_the_main_process():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def start_preparing(paths, prepare=prepare_image):
+@contextlib.contextmanager
+def preparing(paths, prepare=prepare_image):
     """Start preparing the photos on every core now (before TensorFlow loads, so the two
-    overlap); returns a generator of (path, image, error) in the order given. Processes, not
+    overlap); gives a generator of (path, image, error) in the order given. Processes, not
     threads: they measured faster, and TensorFlow's import holds the GIL meanwhile."""
     import collections
     import multiprocessing
@@ -1719,12 +1720,16 @@ def start_preparing(paths, prepare=prepare_image):
                 "a process preparing the photos was killed (out of memory?): run again; with "
                 "--csv, add --resume to keep the rows done"
             ) from None
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
 
-    for _ in range(ahead):
-        submit_next()
-    return in_order()
+    try:
+        for _ in range(ahead):
+            submit_next()
+        yield in_order()
+    finally:
+        # Always, and waiting here rather than at exit: a pool still closing down while Python
+        # exits races it (CPython 3.11's _python_exit writes to a pipe the pool's thread may
+        # just have closed, a "Bad file descriptor" traceback after the run's last line).
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def top_three(probabilities):
@@ -1751,8 +1756,8 @@ def classify_batches(model, prepared):
 def predict_images(model, paths):
     """Top three classes per image; unreadable images are reported in place of a result."""
     prepare = preparation(tuple(model.input_shape[1:]), model.name)
-    batches = classify_batches(model, start_preparing(paths, prepare))
-    return [result for batch in batches for result in batch]
+    with preparing(paths, prepare) as prepared:
+        return [result for batch in classify_batches(model, prepared) for result in batch]
 
 
 def csv_row(result):
@@ -2283,7 +2288,7 @@ def run_predict(args):
     on_terminal = sys.stderr.isatty()
     quiet = each_line and on_terminal and sys.stdout.isatty()  # the lines show the progress
     prepare = declared_preparation(args.model) or prepare_image
-    with contextlib.closing(start_preparing(todo, prepare)) as prepared:
+    with preparing(todo, prepare) as prepared:
         start_tensorflow_quietly()
         model = load_trained_model(args.model)
         if preparation(tuple(model.input_shape[1:]), model.name) is not prepare:

@@ -1,12 +1,14 @@
 """predict on a catalogue: rows written as photos are done, progress, stopping and --resume."""
 
 import csv
+import itertools
 import json
 import os
 import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -350,6 +352,17 @@ def test_resume_needs_a_csv():
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("used", [0, 3], ids=["an error before any photo", "some photos"])
+def test_the_preparing_processes_are_shut_down_before_predict_goes_on(photos, used):
+    """Python's exit must find no pool still closing down: CPython 3.11 then writes to a pipe
+    that the pool's thread may just have closed, a traceback after the run's last line."""
+    before = set(threading.enumerate())
+    with fm.preparing(sorted(photos.rglob("*.jpg"))) as prepared:
+        assert set(threading.enumerate()) > before  # the pool's threads, while it works
+        list(itertools.islice(prepared, used))
+    assert set(threading.enumerate()) <= before
+
+
 def test_a_preparing_process_killed_is_one_clear_line_and_the_rows_done_stay(model_path, tmp_path):
     process, folder, table = start_on_a_catalogue(model_path, tmp_path)
     (server,) = [p for p in children(process.pid) if b"forkserver" in cmdline(p)]
