@@ -1800,7 +1800,7 @@ def read_rows_done(path, paths):
     try:
         data = path.read_bytes()
     except OSError as error:
-        refuse(f"cannot be read as a CSV ({getattr(error, 'strerror', None) or error})")
+        refuse(f"cannot be read as a CSV ({error.strerror or error})")
     rows_end = data.rfind(b"\n") + 1  # a row cut off after its last newline is left out
     try:
         text = data[:rows_end].decode(errors=FILE_NAME_BYTES)

@@ -207,6 +207,18 @@ def test_a_csv_that_cannot_be_read_is_not_replaced(tmp_path, monkeypatch):
         fm.refuse_to_replace_other_files(table)
 
 
+def test_resume_from_a_csv_that_cannot_be_read_is_one_clear_line(tmp_path, monkeypatch):
+    table = tmp_path / "out.csv"
+    table.write_text(",".join(fm.CSV_HEADER) + "\n")
+
+    def denied(self):  # as for a file another user keeps to themselves
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(fm.Path, "read_bytes", denied)
+    with pytest.raises(fm.UserError, match="cannot be read as a CSV .Permission denied."):
+        fm.read_rows_done(table, [])
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
 def test_a_full_disk_under_the_csv_is_one_clear_line(model_path, photos, capsys):
     assert predict(model_path, photos, "--csv", "/dev/full") == 1
@@ -351,7 +363,6 @@ def test_resume_needs_a_csv():
     assert result.returncode == 2 and "--resume continues a --csv FILE" in result.stderr
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("used", [0, 3], ids=["an error before any photo", "some photos"])
 def test_the_preparing_processes_are_shut_down_before_predict_goes_on(photos, used):
     """Python's exit must find no pool still closing down: CPython 3.11 then writes to a pipe
@@ -363,6 +374,7 @@ def test_the_preparing_processes_are_shut_down_before_predict_goes_on(photos, us
     assert set(threading.enumerate()) <= before
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 def test_a_preparing_process_killed_is_one_clear_line_and_the_rows_done_stay(model_path, tmp_path):
     process, folder, table = start_on_a_catalogue(model_path, tmp_path)
     (server,) = [p for p in children(process.pid) if b"forkserver" in cmdline(p)]
