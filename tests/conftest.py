@@ -128,6 +128,14 @@ def photo_folder(folder, per_class, classes=range(10), seed=0, relabel=0):
     return folder
 
 
+@pytest.fixture(autouse=True, scope="session")
+def program_temporary_files(tmp_path_factory):
+    """The program's temporary files go under pytest's own temporary folder (which pytest
+    prunes): TensorFlow's autograph writes some that only a normal exit removes, and several
+    tests kill the program."""
+    USER_ENV["TMPDIR"] = str(tmp_path_factory.mktemp("program-tmp"))
+
+
 @pytest.fixture
 def data_dir(tmp_path):
     return make_dataset(tmp_path / "data")
