@@ -2429,6 +2429,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whatever reads our output stopped reading (`| head`): stop quietly, as `cat` does, with
+        # the shell's code for SIGPIPE. stdout goes to /dev/null first, or Python's final flush
+        # of it fails again (the docs' recipe: "Note on SIGPIPE" in the signal module).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # 141, as for a process that SIGPIPE ended
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

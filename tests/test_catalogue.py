@@ -299,6 +299,22 @@ def test_a_file_name_that_is_not_utf8_is_printed_where_the_output_must_be_utf8(
     assert result.stdout.startswith(os.fsencode(photo) + b": ")
 
 
+@pytest.mark.parametrize("output", [[], ["--json"]], ids=["lines", "json"])
+def test_a_reader_that_stops_reading_stops_predict_quietly(model_path, photos, output):
+    """`predict MODEL folder | head -2`: once head has its lines, the next one has nowhere to
+    go. The program stops as `cat` would: no traceback, the shell's code for SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that has stopped reading
+    try:
+        result = subprocess.run(
+            [sys.executable, str(PROGRAM), "predict", str(model_path), str(a_bag(photos)), *output],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, env=program_env(), timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
+
+
 def test_a_rate_of_a_few_photos_a_second_keeps_a_decimal():
     assert fm.per_second(1, 2.2) == "0.5 a second" and fm.per_second(1000, 6.9) == "145 a second"
 
