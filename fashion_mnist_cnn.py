@@ -1307,12 +1307,17 @@ def load_trained_model(path):
         raise UserError(f"{path}: a folder, not a model file{hint}")
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
+    if not is_model_file(path):  # Keras would say "File not found" of a photo or a cut file
+        swapped = path.suffix.lower() in IMAGE_SUFFIXES
+        hint = "; MODEL comes first, then the photos" if swapped else ""
+        raise UserError(f"{path}: not a Keras model file, or a damaged one{hint}")
     try:
         # safe_mode (the default, stated here on purpose) never runs code stored in the file.
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{path}: not a usable Keras model file ({reason[:200]})") from None
+        reason = str(error).split(". ")[0].splitlines()[0] if str(error) else ""
+        reason = reason if 0 < len(reason) <= 200 else type(error).__name__
+        raise UserError(f"{path}: not a usable Keras model file ({reason})") from None
     input_shape = tuple(getattr(model, "input_shape", ()) or ())
     output_shape = tuple(getattr(model, "output_shape", ()) or ())
     if input_shape[1:] not in PREPARATIONS or output_shape[1:] != (10,):
@@ -1323,6 +1328,13 @@ def load_trained_model(path):
     if not native_bf16(find_gpus(), cpu_info()[1]):
         in_float32(model)
     return model
+
+
+def is_model_file(path):
+    """Is it whole enough to be a model file: a zip archive (.keras) or HDF5 (legacy .h5)?"""
+    with open(path, "rb") as file:
+        hdf5 = file.read(8) == b"\x89HDF\r\n\x1a\n"
+    return hdf5 or zipfile.is_zipfile(path)
 
 
 def in_float32(model):

@@ -378,6 +378,11 @@ def text_file(path):
     return path
 
 
+def cut_short(path):
+    path.write_bytes(path.read_bytes()[:1000])  # as a copy stopped midway leaves it
+    return path
+
+
 def save_model(path, input_shape, classes, lambda_layer=False):
     layers = [keras.Input(input_shape), keras.layers.Flatten()]
     if lambda_layer:
@@ -393,7 +398,9 @@ def save_model(path, input_shape, classes, lambda_layer=False):
     [
         (lambda d: d / "missing.keras", "no such model file"),
         (lambda d: save_model(d / "run" / "model.keras", (28, 28, 1), 10).parent, "run's model is"),
-        (lambda d: text_file(d / "text.keras"), "not a usable"),
+        (lambda d: text_file(d / "text.keras"), "not a keras model file, or a damaged one"),
+        (lambda d: cut_short(save_model(d / "cut.keras", (28, 28, 1), 10)), "or a damaged one"),
+        (lambda d: as_picture_files(framed_items(np.array([1]))[0], d, "photo")[0], "comes first"),
         (lambda d: save_model(d / "rgb.keras", (32, 32, 3), 10), "not a 28x28x1 image"),
         (lambda d: save_model(d / "five.keras", (28, 28, 1), 5), "to 10 fashion-mnist classes"),
         (lambda d: save_model(d / "code.keras", (28, 28, 1), 10, True), "not a usable"),
