@@ -1331,9 +1331,13 @@ def load_trained_model(path):
 
 
 def is_model_file(path):
-    """Is it whole enough to be a model file: a zip archive (.keras) or HDF5 (legacy .h5)?"""
-    with open(path, "rb") as file:
-        hdf5 = file.read(8) == b"\x89HDF\r\n\x1a\n"
+    """Is it whole enough to be a model file: a zip archive (.keras) or HDF5 (legacy .h5)? A
+    file that cannot be read at all is one clear error."""
+    try:
+        with open(path, "rb") as file:
+            hdf5 = file.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError as error:
+        raise UserError(f"{path}: cannot be read ({error.strerror})") from None
     return hdf5 or zipfile.is_zipfile(path)
 
 

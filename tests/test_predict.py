@@ -2,6 +2,7 @@
 
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -411,6 +412,15 @@ def test_unusable_models_are_refused(tmp_path, capsys, make, message):
     assert fm.main(["predict", str(make(tmp_path)), str(good)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0].lower(), err
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux's /proc")
+def test_a_model_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
+    # Reading the start of /proc/self/mem fails (EIO), as root too, as a bad disk would.
+    good, _ = as_picture_files(framed_items(np.array([1]))[0], tmp_path, "good")
+    assert fm.main(["predict", "/proc/self/mem", str(good)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/proc/self/mem: cannot be read (" in err[0], err
 
 
 def in_bf16(model_path, path):
