@@ -291,8 +291,9 @@ def parse_finetune_args(argv):
         prog="fashion_mnist_cnn.py finetune",
         description="Adapt a trained model to your own labelled photos, or with --backbone "
         "train one for them on a network pre-trained on ImageNet (better on real photos). "
-        "FOLDER holds one subfolder per class, named after it (case, spaces and punctuation "
-        "ignored: t-shirt_top, Ankle boot); classes without photos may be left out.",
+        "FOLDER holds one subfolder per class, named after it (case, spaces, punctuation and "
+        "plurals ignored: t-shirt_top or Tops, Ankle boots); classes without photos may be left "
+        "out.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
@@ -1962,13 +1963,20 @@ def class_key(name):
     return "".join(c for c in name.lower() if c.isalnum())
 
 
+def folder_names(name):
+    """The folder names, as keys, that mean a class: its name, plural too ("Sneakers", "Ankle
+    boots", "Dresses"), and for T-shirt/top either half ("T-shirts", "Tops")."""
+    keys = {class_key(part) for part in (name, *name.split("/"))}
+    return {word for key in keys for word in (key, key + ("es" if key.endswith("s") else "s"))}
+
+
 def find_labelled_photos(folder):
     """(path, class index) of every photo in FOLDER's class subfolders, sorted; anything that
     could mislabel or silently drop a photo is refused with one line."""
     if not folder.is_dir():
         problem = "not a folder" if folder.exists() else "no such folder"
         raise UserError(f"{folder}: {problem}")
-    classes = {class_key(name): index for index, name in enumerate(CLASS_NAMES)}
+    classes = {word: index for index, name in enumerate(CLASS_NAMES) for word in folder_names(name)}
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     loose = [p for p in entries if p.is_file()]
     if loose:
@@ -1982,8 +1990,8 @@ def find_labelled_photos(folder):
     for subfolder in entries:
         if class_key(subfolder.name) not in classes:
             raise UserError(
-                f"{subfolder}: names no class; the class folders are (case, spaces and "
-                f"punctuation ignored): {', '.join(CLASS_NAMES)}"
+                f"{subfolder}: names no class; the class folders are (case, spaces, "
+                f"punctuation and plurals ignored): {', '.join(CLASS_NAMES)}"
             )
         files = sorted(
             p for p in subfolder.rglob("*") if p.is_file() and not p.name.startswith(".")

@@ -33,9 +33,15 @@ keras = fm.start_tensorflow_quietly()
         ("ankle boot", "Ankle boot"),
         ("ANKLE_BOOT", "Ankle boot"),
         ("Sneaker", "Sneaker"),
+        ("Sneakers", "Sneaker"),  # a catalogue's folders are plural as often as not
+        ("Dresses", "Dress"),
+        ("ankle boots", "Ankle boot"),
+        ("T-shirts", "T-shirt/top"),  # either half of T-shirt/top
+        ("Tops", "T-shirt/top"),
+        ("Shirts", "Shirt"),
     ],
 )
-def test_class_folders_match_ignoring_case_spaces_and_punctuation(tmp_path, name, expected):
+def test_class_folders_match_ignoring_case_spaces_punctuation_and_plurals(tmp_path, name, expected):
     (tmp_path / name).mkdir()
     write_photo(tmp_path / name / "a.jpg", distinct_images(np.array([0]))[0])
     [(_, label)] = fm.find_labelled_photos(tmp_path)
