@@ -1316,8 +1316,8 @@ def load_trained_model(path):
         # safe_mode (the default, stated here on purpose) never runs code stored in the file.
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as error:
-        reason = str(error).split(". ")[0].splitlines()[0] if str(error) else ""
-        reason = reason if 0 < len(reason) <= 200 else type(error).__name__
+        first = (str(error).split(". ")[0].strip().splitlines() or [""])[0]  # its first sentence
+        reason = first if 0 < len(first) <= 200 else type(error).__name__
         raise UserError(f"{path}: not a usable Keras model file ({reason})") from None
     input_shape = tuple(getattr(model, "input_shape", ()) or ())
     output_shape = tuple(getattr(model, "output_shape", ()) or ())
