@@ -414,6 +414,29 @@ def test_unusable_models_are_refused(tmp_path, capsys, make, message):
     assert len(err) == 1 and message in err[0].lower(), err
 
 
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("Bad layer. Details follow.\nMore.", "(Bad layer)"),
+        (". Odd", "(ValueError)"),
+        ("\n. Odd", "(ValueError)"),
+        ("", "(ValueError)"),
+        ("x" * 300, "(ValueError)"),
+    ],
+)
+def test_keras_reasons_for_refusing_a_model_are_one_short_line(
+    model_path, tmp_path, capsys, monkeypatch, text, reason
+):
+    def refuse(*args, **kwargs):
+        raise ValueError(text)
+
+    monkeypatch.setattr(keras.models, "load_model", refuse)
+    good, _ = as_picture_files(framed_items(np.array([1]))[0], tmp_path, "good")
+    assert fm.main(["predict", str(model_path), str(good)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {model_path}: not a usable Keras model file {reason}"], err
+
+
 @pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux's /proc")
 def test_a_model_file_that_cannot_be_read_is_one_line(tmp_path, capsys):
     # Reading the start of /proc/self/mem fails (EIO), as root too, as a bad disk would.
