@@ -103,12 +103,11 @@ def test_a_large_photo_is_shrunk_first_and_prepared_as_its_full_size_copy(tmp_pa
     assert np.abs(shrunk.astype(int) - whole).mean() < 3  # grey levels of 255
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
+def trained_model_path(tmp_path_factory, arch):
     """A model that knows the generated items as 28x28 images, but has never seen a photo."""
     labels = np.random.default_rng(0).integers(0, 10, 1200)
     keras.utils.set_random_seed(0)
-    model = fm.build_model("float32")
+    model = fm.build_model("float32", arch, total_steps=3 * 38)
     fm.train(
         model,
         lambda epoch: fm.batches(distinct_images(labels, seed=1), labels, 32, epoch_key=(0, epoch)),
@@ -119,6 +118,17 @@ def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.keras"
     model.save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return trained_model_path(tmp_path_factory, "seed")
+
+
+@pytest.fixture(scope="module")
+def improved_model_path(tmp_path_factory):
+    """An --arch improved model: the README's advice for real photos, so tuned from too."""
+    return trained_model_path(tmp_path_factory, "improved")
 
 
 def test_predict_takes_folders_recursively_in_sorted_order_and_writes_csv(model_path, tmp_path):
@@ -146,7 +156,9 @@ def test_predict_csv_that_cannot_be_written(model_path, tmp_path):
     assert_clean_failure(result, "--csv", "cannot write there")
 
 
-def test_finetune_learns_from_a_few_photos_and_predict_uses_it(model_path, tmp_path):
+@pytest.mark.parametrize("arch", ["seed", "improved"])
+def test_finetune_learns_from_a_few_photos_and_predict_uses_it(arch, request, tmp_path):
+    model_path = request.getfixturevalue("model_path" if arch == "seed" else "improved_model_path")
     photos = photo_folder(tmp_path / "photos", per_class=12, relabel=3)
     out = tmp_path / "tuned"
     result = run_program(
