@@ -349,13 +349,13 @@ def test_augment_trains_the_classic_model_and_saves_it_without_augmentation(data
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["augment"] is True
     # The mirroring happens in the data pipeline: halves stay on where they are used (2 cores),
-    # and the saved model is the classic one, predicting on images as they are.
+    # and the saved model is the classic one, named so that predict shows it photos both ways.
     if len(os.sched_getaffinity(0)) >= 2:
         assert metrics["compute"]["split_batches"] is True, metrics["compute"]["why"]
     import keras
 
     model = keras.models.load_model(out / "model.keras")
-    assert model.count_params() == 93_322
+    assert model.count_params() == 93_322 and model.name == "fashion_mnist_cnn_mirrored"
     assert not [layer for layer in model.layers if type(layer).__name__.startswith("Random")]
 
 

@@ -349,6 +349,32 @@ def bad_images(folder):
     }
 
 
+def test_a_model_trained_on_mirror_images_sees_each_photo_both_ways(model_path, tmp_path, capsys):
+    model = fm.load_trained_model(model_path)
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), np.uint8)
+    plain, mirror = (
+        model.predict(fm.scale_pixels(x), verbose=0) for x in (images, images[..., ::-1])
+    )
+    assert np.allclose(fm.class_probabilities(model, images), plain, atol=1e-6)
+    assert not np.allclose(plain, mirror, atol=1e-3)  # so the test can tell the two apart
+    model.name = "fashion_mnist_cnn" + fm.MIRRORED  # as an --augment run names it
+    averaged = fm.class_probabilities(model, images)
+    assert np.allclose(averaged, (plain + mirror) / 2, atol=1e-6)
+    assert np.allclose(fm.class_probabilities(model, images[..., ::-1]), averaged, atol=1e-6)
+    # and predict, given that model's file, answers so
+    model.save(tmp_path / "mirrored.keras")
+    small, _ = as_picture_files(framed_items(np.array([2]))[0], tmp_path, "x")
+    code, (result,), _ = predict_json(capsys, tmp_path / "mirrored.keras", small)
+    image = fm.prepare_image(small)[np.newaxis]
+    expected = (
+        sum(model.predict(fm.scale_pixels(x), verbose=0) for x in (image, image[..., ::-1])) / 2
+    )[0]
+    top3 = fm.top_three(expected)
+    assert code == 0 and [c["class"] for c in result["top3"]] == [c["class"] for c in top3]
+    for got, want in zip(result["top3"], top3):
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
+
+
 def test_bad_images_are_reported_and_the_rest_still_classified(model_path, tmp_path, capsys):
     expected = bad_images(tmp_path)
     png_claiming_size(tmp_path / "bomb.png", 30_000, 30_000)  # past 2x Pillow's limit: error
