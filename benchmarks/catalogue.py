@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import photo_like  # noqa: E402
 
 import fashion_mnist_cnn as fm  # noqa: E402
+from fashion_shop import finetune, photos  # noqa: E402
 
 FILED_AGAINST = "5d4a29c"  # main when the catalogue issue was filed
 
@@ -160,7 +161,9 @@ def timed(command, memory=False):
 
 def accuracy(csv_path, folder):
     """Share of rows whose class is the one named by the photo's class folder."""
-    truth = {str(path): fm.CLASS_NAMES[label] for path, label in fm.find_labelled_photos(folder)}
+    truth = {
+        str(path): fm.CLASS_NAMES[label] for path, label in finetune.find_labelled_photos(folder)
+    }
     with open(csv_path, newline="") as file:
         return np.mean([truth[row["path"]] == row["class"] for row in csv.DictReader(file)])
 
@@ -169,12 +172,11 @@ def sides(args, work):
     """name -> command writing its CSV to work/<name>.csv."""
     baseline = work / "baseline"
     baseline.mkdir(exist_ok=True)
-    program = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{args.baseline}:fashion_mnist_cnn.py"],
-        capture_output=True,
-        check=True,
+    # The whole tree at that revision: from 2026-12 on, predict lives in fashion_shop/ beside it.
+    tree = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True
     ).stdout
-    (baseline / "fashion_mnist_cnn.py").write_bytes(program)
+    subprocess.run(["tar", "-x", "-C", str(baseline)], input=tree, check=True)
     (work / "plain_loop.py").write_text(PLAIN_LOOP.format(names=fm.CLASS_NAMES))
     python = sys.executable
     predict = ["predict", str(args.model), str(args.folder), "--csv"]
@@ -203,7 +205,7 @@ def main():
     args.folder = make_shots(
         args.photos, Path(tempfile.gettempdir()) / f"fashion-mnist-catalogue-{args.photos}"
     )
-    count = len(fm.find_images([args.folder]))
+    count = len(photos.find_images([args.folder]))
     print(f"{fm.cpu_info()[0]}, {fm.cpu_cores()} cores")
 
     with tempfile.TemporaryDirectory() as work:

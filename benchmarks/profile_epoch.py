@@ -30,6 +30,7 @@ def main():
     except ImportError:
         sys.exit("profile_epoch.py needs xprof to read the profile: pip install xprof")
 
+    fm.choose_onednn(fm.cpu_info()[1], bfloat16=args.precision == "bfloat16")  # as main() does
     (x_train, y_train), _ = fm.load_fashion_mnist(args.data_dir)
     keras = fm.start_tensorflow_quietly()
     import tensorflow as tf

@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import fashion_mnist_cnn as fm  # noqa: E402
+from fashion_shop import backbone, finetune  # noqa: E402
 
 MEASURE_PER_CLASS = 10
 
@@ -74,7 +75,9 @@ def predict_accuracy(model, folder, work):
     """(accuracy, seconds) of `predict MODEL folder`, scored from the folder names."""
     rows = work / "predictions.csv"
     seconds, _ = program("predict", model, folder, "--csv", rows)
-    truth = {str(path): fm.CLASS_NAMES[label] for path, label in fm.find_labelled_photos(folder)}
+    truth = {
+        str(path): fm.CLASS_NAMES[label] for path, label in finetune.find_labelled_photos(folder)
+    }
     with open(rows, newline="", encoding="utf-8") as file:
         predicted = {row["path"]: row["class"] for row in csv.DictReader(file)}
     right = [predicted[path] == name for path, name in truth.items()]
@@ -89,9 +92,9 @@ def main():
     )
     parser.add_argument("--splits", type=int, default=3)
     parser.add_argument("--per-class", type=int, nargs="+", default=[10, 20, 40])
-    parser.add_argument("--backbone", default="mobilenet_v2", choices=sorted(fm.BACKBONES))
+    parser.add_argument("--backbone", default="mobilenet_v2", choices=sorted(backbone.BACKBONES))
     args = parser.parse_args()
-    photos = fm.find_labelled_photos(args.photos)
+    photos = finetune.find_labelled_photos(args.photos)
     results = {}  # (route, k) -> [(accuracy, seconds)]
 
     def record(route, k, accuracy, seconds):

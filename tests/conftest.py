@@ -1,4 +1,5 @@
-"""Shared helpers: small generated data sets in the IDX layout, and running the program."""
+"""Shared helpers: small generated data sets in the IDX layout, and running the program.
+The photo helpers are in photo_helpers.py."""
 
 import gzip
 import os
@@ -9,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "fashion_mnist_cnn.py"
 SHARED = ROOT.parent / "shared" / "fashion-mnist"
-SHOP_PHOTOS = ROOT.parent / "shared" / "product-photos" / "shop"  # real shop photos
 
 sys.path.insert(0, str(ROOT))
 # The environment the program runs in, as a user's shell gives it: taken before anything here
@@ -26,8 +25,6 @@ USER_ENV = {
     if key not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "DISPLAY", "WAYLAND_DISPLAY")
 }
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow in the test process
-
-from fashion_mnist_cnn import CLASS_NAMES  # noqa: E402  (imports no TensorFlow)
 
 
 def write_idx(path, array, gzipped=True):
@@ -64,68 +61,6 @@ def make_dataset(directory, n_train=200, n_test=50, gzipped=True, seed=0):
         )
         write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels, gzipped)
     return directory
-
-
-def write_photo(path, image, background=(235, 230, 225), item=(150, 30, 40), size=140):
-    """A 28x28 item (light on dark) as a coloured product photo on a coloured background."""
-    darkness = np.asarray(Image.fromarray(image).resize((size, size)), np.float32)[..., None] / 255
-    canvas = np.ones((size + 40, size + 60, 3), np.float32) * background
-    patch = canvas[20 : 20 + size, 30 : 30 + size]
-    canvas[20 : 20 + size, 30 : 30 + size] = patch * (1 - darkness) + np.array(item) * darkness
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas.astype(np.uint8)).save(path, quality=90)
-    return path
-
-
-SKIN, SHIRT = (224, 172, 140), (200, 30, 30)
-
-
-def draw_shirt(draw, cx):
-    """A red T-shirt: body and short sleeves, on a 225x300 photo."""
-    draw.rectangle([cx - 55, 95, cx + 55, 245], fill=SHIRT)
-    for side in (-1, 1):
-        sleeve = [(cx + side * 55, 95), (cx + side * 78, 150), (cx + side * 66, 156)]
-        draw.polygon(sleeve + [(cx + side * 52, 125)], fill=SHIRT)
-
-
-def draw_face(draw, cx, skin=SKIN):
-    """Hair, a face with eyes, brows, nose and mouth: enough for OpenCV's face detector."""
-    draw.ellipse([cx - 27, 8, cx + 27, 55], fill=(40, 30, 20))
-    draw.ellipse([cx - 21, 18, cx + 21, 82], fill=skin)
-    for side in (-1, 1):
-        eye = cx + side * 10
-        draw.ellipse([eye - 5, 40, eye + 5, 45], fill=(50, 35, 30))
-        draw.line([eye - 7, 35, eye + 7, 35], fill=(60, 40, 30), width=2)
-    draw.line([cx, 45, cx, 58], fill=(200, 150, 120), width=2)
-    draw.ellipse([cx - 8, 65, cx + 8, 70], fill=(170, 90, 90))
-
-
-def worn_photo(path, worn=True, skin=SKIN):
-    """A catalogue photo of the red T-shirt, alone or worn by a model (head, neck, bare
-    forearms, blue trousers), softened as a camera's photo is."""
-    picture = Image.new("RGB", (225, 300), "white")
-    draw, cx = ImageDraw.Draw(picture), 112
-    draw_shirt(draw, cx)
-    if worn:
-        for side in (-1, 1):
-            forearm = sorted([cx + side * 66, cx + side * 78])
-            draw.rectangle([forearm[0], 156, forearm[1], 230], fill=skin)
-        draw.rectangle([cx - 50, 245, cx + 50, 300], fill=(40, 60, 140))
-        draw.rectangle([cx - 9, 78, cx + 9, 96], fill=skin)
-        draw_face(draw, cx, skin)
-    picture.filter(ImageFilter.GaussianBlur(1.2)).save(path)
-    return path
-
-
-def photo_folder(folder, per_class, classes=range(10), seed=0, relabel=0):
-    """FOLDER/<class name>/NN.jpg: per_class photos of each class, of generated items. With
-    relabel, each class's photos show the item the model knows as class + relabel: products
-    that look unlike what the model learned, which only fine-tuning can teach it."""
-    labels = np.repeat(list(classes), per_class)
-    items = distinct_images((labels + relabel) % 10, seed=seed)
-    for n, (label, image) in enumerate(zip(labels, items)):
-        write_photo(folder / CLASS_NAMES[label].replace("/", "-") / f"{n:03d}.jpg", image)
-    return folder
 
 
 @pytest.fixture(autouse=True, scope="session")

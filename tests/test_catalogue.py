@@ -1,31 +1,24 @@
-"""predict on a catalogue: rows written as photos are done, progress, stopping and --resume."""
+"""fashion_shop/catalogue.py: a catalogue's CSV, its rows written as photos are done, stopping
+and --resume, refusing other files, progress lines, and names that are not UTF-8."""
 
 import csv
-import itertools
 import json
 import os
 import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    PROGRAM,
-    assert_clean_failure,
-    photo_folder,
-    program_env,
-    run_program,
-    start_program,
-    write_photo,
-)
-from PIL import Image
+from conftest import PROGRAM, assert_clean_failure, program_env, run_program, start_program
+from photo_helpers import a_bag, photo_folder, small_shop, write_photo
 
 import fashion_mnist_cnn as fm
+import fashion_shop.predict
+from fashion_shop import catalogue
 
 keras = fm.start_tensorflow_quietly()
 
@@ -42,14 +35,7 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """20 photos in class folders, a PNG copy of one, and a file that is not a picture."""
-    folder = photo_folder(tmp_path_factory.mktemp("shop") / "photos", per_class=2)
-    (folder / "Bag" / "zz-broken.jpg").write_text("not a picture")
-    Image.open(a_bag(folder)).save(folder / "Bag" / "zz-more.png")
-    return folder
-
-
-def a_bag(folder):
-    return sorted((folder / "Bag").glob("*.jpg"))[0]
+    return small_shop(tmp_path_factory.mktemp("shop") / "photos")
 
 
 def read_csv(path):
@@ -63,7 +49,7 @@ def predict(*args):
 
 @pytest.fixture
 def small_batches(monkeypatch):
-    monkeypatch.setattr(fm, "PREDICT_BATCH", 4)
+    monkeypatch.setattr(fashion_shop.predict, "PREDICT_BATCH", 4)
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +63,14 @@ def test_rows_are_written_as_photos_are_done(
     model_path, photos, uninterrupted, small_batches, monkeypatch, tmp_path, capsys
 ):
     table, seen = tmp_path / "out.csv", []
-    classify = fm.classify_batches
+    classify = fashion_shop.predict.classify_batches
 
     def watching(model, prepared):
         for batch in classify(model, prepared):
             seen.append(len(read_csv(table)) - 1)  # rows already on disk before this batch
             yield batch
 
-    monkeypatch.setattr(fm, "classify_batches", watching)
+    monkeypatch.setattr(fashion_shop.predict, "classify_batches", watching)
     assert predict(model_path, photos, "--csv", table) == 1
     assert seen == [0, 4, 8, 12, 16, 20]  # every batch's rows flushed before the next
     assert read_csv(table) == uninterrupted
@@ -98,7 +84,7 @@ def test_rows_are_written_as_photos_are_done(
 def test_sigterm_finishes_the_batch_and_resume_gives_the_uninterrupted_rows(
     model_path, photos, uninterrupted, small_batches, monkeypatch, tmp_path, capsys
 ):
-    table, classify = tmp_path / "out.csv", fm.classify_batches
+    table, classify = tmp_path / "out.csv", fashion_shop.predict.classify_batches
 
     def terminated_during_the_second_batch(model, prepared):
         for n, batch in enumerate(classify(model, prepared)):
@@ -106,14 +92,15 @@ def test_sigterm_finishes_the_batch_and_resume_gives_the_uninterrupted_rows(
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
 
-    monkeypatch.setattr(fm, "classify_batches", terminated_during_the_second_batch)
+    terminated = terminated_during_the_second_batch
+    monkeypatch.setattr(fashion_shop.predict, "classify_batches", terminated)
     assert predict(model_path, photos, "--csv", table) == 128 + signal.SIGTERM
     assert read_csv(table) == uninterrupted[: 1 + 8]  # the batch under way was finished
     err = capsys.readouterr().err
     assert "Terminated: finishing this batch" in err
     assert "Stopped after 8 of 22 photos" in err and "--resume" in err
 
-    monkeypatch.setattr(fm, "classify_batches", classify)
+    monkeypatch.setattr(fashion_shop.predict, "classify_batches", classify)
     assert predict(model_path, photos, "--csv", table, "--resume") == 1  # the broken photo
     assert read_csv(table) == uninterrupted
     assert "8 were in it already" in capsys.readouterr().out
@@ -202,21 +189,21 @@ def test_a_csv_that_cannot_be_read_is_not_replaced(tmp_path, monkeypatch):
     def denied(self, *args, **kwargs):  # as for a file another user keeps to themselves
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(fm.Path, "open", denied)
+    monkeypatch.setattr(Path, "open", denied)
     with pytest.raises(fm.UserError, match="cannot be read .Permission denied."):
-        fm.refuse_to_replace_other_files(table)
+        catalogue.refuse_to_replace_other_files(table)
 
 
 def test_resume_from_a_csv_that_cannot_be_read_is_one_clear_line(tmp_path, monkeypatch):
     table = tmp_path / "out.csv"
-    table.write_text(",".join(fm.CSV_HEADER) + "\n")
+    table.write_text(",".join(catalogue.CSV_HEADER) + "\n")
 
     def denied(self):  # as for a file another user keeps to themselves
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(fm.Path, "read_bytes", denied)
+    monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(fm.UserError, match="cannot be read as a CSV .Permission denied."):
-        fm.read_rows_done(table, [])
+        catalogue.read_rows_done(table, [])
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
@@ -226,14 +213,21 @@ def test_a_full_disk_under_the_csv_is_one_clear_line(model_path, photos, capsys)
     assert len(err) == 1 and "no space left on device" in err[0].lower() and "--resume" in err[0]
 
 
+def test_predict_csv_that_cannot_be_written(model_path, tmp_path):
+    photos = photo_folder(tmp_path / "photos", per_class=1, classes=[2])
+    result = run_program("predict", model_path, photos, "--csv", tmp_path / "no" / "such.csv")
+    assert_clean_failure(result, "--csv", "cannot write there")
+
+
 NEVER_ENDS = """
 import sys
 from pathlib import Path
-import fashion_mnist_cnn as fm
-fm.refuse_to_replace_other_files(Path("/dev/zero"))  # written to, as the user asked
+from fashion_mnist_cnn import UserError
+from fashion_shop import catalogue
+catalogue.refuse_to_replace_other_files(Path("/dev/zero"))  # written to, as the user asked
 try:
-    fm.read_rows_done(Path("/dev/zero"), [])
-except fm.UserError as error:
+    catalogue.read_rows_done(Path("/dev/zero"), [])
+except UserError as error:
     sys.exit(str(error))
 """
 
@@ -252,7 +246,7 @@ def test_a_csv_that_never_ends_is_never_read_whole():
 def test_progress_off_a_terminal_is_a_line_now_and_then_on_stderr(
     model_path, photos, small_batches, monkeypatch, capsys
 ):
-    monkeypatch.setattr(fm, "PROGRESS_EVERY", 0)  # a line after every batch
+    monkeypatch.setattr(catalogue, "PROGRESS_EVERY", 0)  # a line after every batch
     assert predict(model_path, photos, "--json") == 1
     out, err = capsys.readouterr()
     assert len(json.loads(out)) == 22  # stdout holds the results alone
@@ -299,35 +293,15 @@ def test_a_file_name_that_is_not_utf8_is_printed_where_the_output_must_be_utf8(
     assert result.stdout.startswith(os.fsencode(photo) + b": ")
 
 
-@pytest.mark.parametrize("output", [[], ["--json"]], ids=["lines", "json"])
-def test_a_reader_that_stops_reading_stops_predict_quietly(model_path, photos, output):
-    """`predict MODEL folder | head -2`: once head has its lines, the next one has nowhere to
-    go. The program stops as `cat` would: no traceback, the shell's code for SIGPIPE."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # a reader that has stopped reading
-    try:
-        result = subprocess.run(
-            [sys.executable, str(PROGRAM), "predict", str(model_path), str(a_bag(photos)), *output],
-            stdout=write_end, stderr=subprocess.PIPE, text=True, env=program_env(), timeout=300,
-        )  # fmt: skip
-    finally:
-        os.close(write_end)
-    assert result.returncode == 141 and result.stderr == "", result.stderr
-
-
 def test_a_rate_of_a_few_photos_a_second_keeps_a_decimal():
-    assert fm.per_second(1, 2.2) == "0.5 a second" and fm.per_second(1000, 6.9) == "145 a second"
+    assert catalogue.per_second(1, 2.2) == "0.5 a second"
+    assert catalogue.per_second(1000, 6.9) == "145 a second"
 
 
 def test_a_short_run_prints_no_progress(model_path, photos, capsys):
     assert predict(model_path, a_bag(photos)) == 0
     out, err = capsys.readouterr()
     assert out.count("%") == 3 and err == ""
-
-
-def test_the_same_photo_named_twice_is_classified_once(model_path, photos, capsys):
-    assert predict(model_path, photos / "Bag", a_bag(photos), "--json") == 1
-    assert len(json.loads(capsys.readouterr().out)) == 4  # 2 photos, 1 copy, 1 broken
 
 
 def start_on_a_catalogue(model_path, tmp_path):
@@ -362,7 +336,7 @@ def test_sigterm_to_the_program_leaves_a_valid_csv_and_resume_completes_it(model
     out, err = process.communicate(timeout=60)
     assert process.returncode == 143, err
     rows = read_csv(table)
-    assert rows[0] == fm.CSV_HEADER and 1 < len(rows) - 1 < 1500, len(rows)
+    assert rows[0] == catalogue.CSV_HEADER and 1 < len(rows) - 1 < 1500, len(rows)
     names = [str(folder / f"{n:04d}.jpg") for n in range(1500)]
     assert [row[0] for row in rows[1:]] == names[: len(rows) - 1]  # in order, none cut off
     assert "Traceback" not in err and "add --resume to classify the rest" in err
@@ -372,22 +346,6 @@ def test_sigterm_to_the_program_leaves_a_valid_csv_and_resume_completes_it(model
     rows = read_csv(table)
     assert [row[0] for row in rows[1:]] == names
     assert len({row[1] for row in rows[1:]}) == 1  # the same shot, the same class
-
-
-def test_resume_needs_a_csv():
-    result = run_program("predict", "model.keras", "photos", "--resume")
-    assert result.returncode == 2 and "--resume continues a --csv FILE" in result.stderr
-
-
-@pytest.mark.parametrize("used", [0, 3], ids=["an error before any photo", "some photos"])
-def test_the_preparing_processes_are_shut_down_before_predict_goes_on(photos, used):
-    """Python's exit must find no pool still closing down: CPython 3.11 then writes to a pipe
-    that the pool's thread may just have closed, a traceback after the run's last line."""
-    before = set(threading.enumerate())
-    with fm.preparing(sorted(photos.rglob("*.jpg"))) as prepared:
-        assert set(threading.enumerate()) > before  # the pool's threads, while it works
-        list(itertools.islice(prepared, used))
-    assert set(threading.enumerate()) <= before
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
@@ -401,4 +359,5 @@ def test_a_preparing_process_killed_is_one_clear_line_and_the_rows_done_stay(mod
     assert err.strip().splitlines()[-1].startswith("error: a process preparing the photos was")
     rows = read_csv(table)
     names = [str(folder / f"{n:04d}.jpg") for n in range(1500)]
-    assert rows[0] == fm.CSV_HEADER and [row[0] for row in rows[1:]] == names[: len(rows) - 1]
+    assert rows[0] == catalogue.CSV_HEADER
+    assert [row[0] for row in rows[1:]] == names[: len(rows) - 1]

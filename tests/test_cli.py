@@ -1,5 +1,6 @@
 """The program as users run it: arguments, whole runs, outputs, and every refusal."""
 
+import ast
 import datetime
 import gzip
 import hashlib
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from conftest import (
 from PIL import Image
 
 import fashion_mnist_cnn as fm
+from fashion_shop import finetune
 
 OPTIONS = [
     "--epochs",
@@ -71,6 +74,10 @@ def test_help_lists_every_option_with_defaults_without_tensorflow():
     assert "importtime" not in result.stdout
 
 
+# An argparse group of the two: one line, training and finetune alike.
+RESUME_AND_OVERWRITE = "argument --overwrite: not allowed with argument --resume (see --help)"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -90,8 +97,8 @@ def test_help_lists_every_option_with_defaults_without_tensorflow():
         (["finetune", "m.keras", "photos", "--holdout", "1"], "--holdout"),
         (["finetune", "m.keras", "photos", "--learning-rate", "-1"], "--learning-rate"),
         (["finetune", "m.keras", "photos", "--epochs", "0"], "--epochs"),
-        (["--resume", "--overwrite"], "--resume continues a run and --overwrite starts over"),
-        (["finetune", "m.keras", "photos", "--resume", "--overwrite"], "--overwrite starts over"),
+        (["--resume", "--overwrite"], RESUME_AND_OVERWRITE),
+        (["finetune", "m.keras", "photos", "--resume", "--overwrite"], RESUME_AND_OVERWRITE),
         (["finetune", "--holdout", "-0.1", "m.keras", "photos"], "--holdout"),
         (["finetune", "photos"], "give the MODEL to adapt and the FOLDER"),
         (["finetune", "--backbone", "mobilenet_v2", "m.keras", "photos"], "leave out MODEL"),
@@ -110,7 +117,8 @@ def test_bad_arguments_are_refused_in_one_line_without_tensorflow(args, message)
 def test_subcommand_help_without_tensorflow(command):
     result = run_with_importtime(command, "--help")
     assert result.returncode == 0 and not imports_tensorflow(result)
-    defaults = f"(default: {fm.FINETUNE_EPOCHS}, or {fm.BACKBONE_EPOCHS} with --backbone)"
+    epochs, backbone_epochs = finetune.FINETUNE_EPOCHS, finetune.BACKBONE_EPOCHS
+    defaults = f"(default: {epochs}, or {backbone_epochs} with --backbone)"
     assert "--json" in result.stdout if command == "predict" else defaults in result.stdout
 
 
@@ -149,6 +157,63 @@ def test_no_network_points_to_data_dir(tmp_path):
     result = run_program("--epochs", "1", "--no-show", "--out-dir", tmp_path / "o", env=env)
     assert_clean_failure(result, "could not download", "--data-dir")
     assert result.returncode == 1
+
+
+# The training script alone: copied without the fashion_shop package, it still trains.
+
+
+@pytest.fixture(scope="module")
+def lone_copy(tmp_path_factory):
+    """fashion_mnist_cnn.py copied alone into an empty folder."""
+    folder = tmp_path_factory.mktemp("lone")
+    return Path(shutil.copy(PROGRAM, folder / PROGRAM.name))
+
+
+def run_lone_copy(copy, *args):
+    """Run the lone copy from its folder, with nothing on the path that holds fashion_shop."""
+    env = {key: value for key, value in program_env().items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, str(copy), *map(str, args)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=copy.parent,
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def test_the_script_copied_alone_trains(lone_copy, tmp_path):
+    assert [p.name for p in lone_copy.parent.iterdir()] == [PROGRAM.name]
+    data = make_dataset(tmp_path / "data", n_train=200, n_test=50)
+    result = run_lone_copy(lone_copy, "--data-dir", data, "--epochs", "1", "--no-show")
+    assert result.returncode == 0, result.stderr
+    (run,) = (lone_copy.parent / "runs").iterdir()
+    assert {"model.keras", "metrics.json"} <= {p.name for p in run.iterdir()}
+    assert json.loads((run / "metrics.json").read_text())["epochs_completed"] == 1
+    assert not (lone_copy.parent / "fashion_shop").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "finetune"])
+def test_the_shop_commands_of_the_script_alone_name_the_package_it_needs(
+    lone_copy, tmp_path, command
+):
+    result = run_lone_copy(lone_copy, command, tmp_path / "model.keras", tmp_path / "photos")
+    assert_clean_failure(result, f"{command} needs the fashion_shop package")
+    assert result.returncode == 1
+
+
+def test_the_script_imports_nothing_beyond_tensorflow_keras_numpy_matplotlib():
+    """The training script runs wherever its requirements are installed: every import, at the
+    top and inside functions, is the standard library's or one of theirs."""
+    imported = set()
+    for node in ast.walk(ast.parse(PROGRAM.read_text(), str(PROGRAM))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module, ast.unparse(node)  # no relative import
+            imported.add(node.module.partition(".")[0])
+    allowed = {"tensorflow", "keras", "numpy", "matplotlib"}
+    assert {"numpy", "keras", "tensorflow", "matplotlib", "argparse"} <= imported  # all found
+    foreign = {name for name in imported if name not in sys.stdlib_module_names} - allowed
+    assert not foreign, foreign
 
 
 # One real training run, shared by the tests that check what it wrote.

@@ -14,13 +14,14 @@ from conftest import (
     assert_clean_failure,
     distinct_images,
     make_dataset,
-    photo_folder,
     run_program,
     start_program,
     wait_for_line,
 )
+from photo_helpers import photo_folder
 
 import fashion_mnist_cnn as fm
+from fashion_shop.models import load_trained_model
 
 keras = fm.start_tensorflow_quietly()
 
@@ -294,7 +295,7 @@ def test_finetune_killed_continues_to_the_unbroken_runs_numbers(unbroken, tmp_pa
     # The same folder, another model: refused, nothing changed.
     kill_at((*command, tmp_path / "other"), "Epoch 2/8")
     before = folder_state(tmp_path / "other")
-    fm.load_trained_model(model).save(tmp_path / "copy.keras")  # the same, saved anew: another file
+    load_trained_model(model).save(tmp_path / "copy.keras")  # the same, saved anew: another file
     result = run_program(
         "finetune", tmp_path / "copy.keras", photos, "--out-dir", tmp_path / "other"
     )

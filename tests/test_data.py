@@ -25,14 +25,6 @@ def test_loads_generated_files(tmp_path, gzipped):
     assert x_train.max() == 255
 
 
-def test_scaling_is_float32_in_unit_range():
-    images = np.array([[[0, 128, 255] + [0] * 25] * 28], dtype=np.uint8)
-    scaled = fm.scale_pixels(images)
-    assert scaled.dtype == np.float32 and scaled.shape == (1, 28, 28, 1)
-    assert scaled.min() == 0.0 and scaled.max() == 1.0
-    assert scaled[0, 0, 1, 0] == pytest.approx(128 / 255)
-
-
 def test_validation_split_is_random_but_fixed_by_the_seed():
     labels = np.arange(100) // 10  # sorted by class, like the shared sample
     fit, held_out = fm.split_validation(100, 0.2, seed=1)

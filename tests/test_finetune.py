@@ -1,6 +1,6 @@
-"""Your own products: folders of photos, predictions to CSV, fine-tuning on labelled photos."""
+"""fashion_shop/finetune.py: a model adapted to a shop's labelled photos: class folders, the
+hold-out, accuracy before and after, the photos each model is shown, and every refusal."""
 
-import csv
 import json
 import signal
 import time
@@ -10,16 +10,18 @@ import pytest
 from conftest import (
     assert_clean_failure,
     distinct_images,
-    photo_folder,
     run_program,
     start_program,
     wait_for_line,
-    worn_photo,
-    write_photo,
 )
+from photo_helpers import colour_model, photo_folder, product_folder, worn_photo, write_photo
 from PIL import Image
 
 import fashion_mnist_cnn as fm
+from fashion_shop import finetune
+from fashion_shop.models import Kind, declared_kind, load_trained_model, scale_pixels
+from fashion_shop.photos import PREPARATIONS, prepare_as_photographed, prepare_image
+from fashion_shop.predict import predict_images, top_three
 
 keras = fm.start_tensorflow_quietly()
 
@@ -44,63 +46,8 @@ keras = fm.start_tensorflow_quietly()
 def test_class_folders_match_ignoring_case_spaces_punctuation_and_plurals(tmp_path, name, expected):
     (tmp_path / name).mkdir()
     write_photo(tmp_path / name / "a.jpg", distinct_images(np.array([0]))[0])
-    [(_, label)] = fm.find_labelled_photos(tmp_path)
+    [(_, label)] = finetune.find_labelled_photos(tmp_path)
     assert fm.CLASS_NAMES[label] == expected
-
-
-def test_preparation_removes_any_background_and_stretches_the_item(tmp_path):
-    image = np.zeros((28, 28), np.uint8)
-    image[4:24, 10:18] = 230  # a tall item
-    image[8:12, 12:16] = 90  # with a lighter patch (in the photo), which must keep its shade
-    prepared = []
-    for background, item in [((240, 240, 240), (60, 60, 60)), ((20, 20, 30), (200, 190, 170)),
-                             ((40, 120, 200), (230, 200, 40))]:  # fmt: skip
-        prepared.append(fm.prepare_image(write_photo(tmp_path / "p.jpg", image, background, item)))
-    for result in prepared:
-        assert result.shape == (28, 28) and result.dtype == np.uint8
-        assert result.max() >= 250  # contrast stretched to the full range
-        assert np.median(result[:, :2]) == 0 and np.median(result[:, -2:]) == 0  # background
-        assert result[7:10, 12:16].mean() < result[18:24, 12:16].mean() - 60
-    # Whatever the colours, the same item comes out alike.
-    a, b, c = (p.astype(float) / 255 for p in prepared)
-    assert np.abs(a - b).mean() < 0.08 and np.abs(a - c).mean() < 0.08
-
-
-def test_transparent_cutout_is_seen_on_white(tmp_path):
-    cutout = np.zeros((120, 120, 4), np.uint8)  # transparent, black underneath
-    cutout[20:100, 20:60] = (40, 40, 40, 255)  # a dark half
-    cutout[20:100, 60:100] = (200, 200, 200, 255)  # a light half
-    Image.fromarray(cutout, "RGBA").save(tmp_path / "c.png")
-    prepared = fm.prepare_image(tmp_path / "c.png").astype(int)
-    # On white, as a product shot: the dark half stands out most, as in Fashion-MNIST.
-    assert prepared[6:22, 4:12].mean() > prepared[6:22, 16:24].mean() + 50
-
-
-@pytest.mark.parametrize("scale", [1, 12])  # 12: a 2400 px photo, decoded at a reduced scale
-def test_exif_rotation_is_honoured(tmp_path, scale):
-    upright = np.full((200, 100, 3), 240, np.uint8)
-    upright[20:180, 40:60] = 30  # a tall dark bar
-    upright = upright.repeat(scale, axis=0).repeat(scale, axis=1)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
-    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(
-        tmp_path / "s.jpg", exif=exif
-    )
-    rows, cols = np.nonzero(fm.prepare_image(tmp_path / "s.jpg") > 128)
-    assert rows.max() - rows.min() > 2 * (cols.max() - cols.min())  # tall, as meant
-
-
-def test_a_large_photo_is_shrunk_first_and_prepared_as_its_full_size_copy(tmp_path):
-    path = write_photo(tmp_path / "big.jpg", distinct_images(np.array([3]))[0], size=1800)
-    with Image.open(path) as image:
-        image.save(tmp_path / "big.png")  # the same pixels, which no decoder can shrink
-        Image.open(tmp_path / "big.png").convert("P").save(tmp_path / "palette.png")
-    for name in ["big.jpg", "big.png", "palette.png"]:
-        shrunk = fm.open_picture(tmp_path / name, fit=256)
-        assert max(shrunk.size) == 256 and shrunk.mode == "RGB", name
-    assert fm.open_picture(tmp_path / "big.png").size == image.size  # no fit: as it is
-    shrunk, whole = fm.prepare_image(path), fm.prepare_image(tmp_path / "big.png")
-    assert np.abs(shrunk.astype(int) - whole).mean() < 3  # grey levels of 255
 
 
 def trained_model_path(tmp_path_factory, arch):
@@ -132,31 +79,6 @@ def improved_model_path(tmp_path_factory):
     return trained_model_path(tmp_path_factory, "improved")
 
 
-def test_predict_takes_folders_recursively_in_sorted_order_and_writes_csv(model_path, tmp_path):
-    photos = photo_folder(tmp_path / "photos", per_class=1, classes=[1, 7])
-    (tmp_path / "photos" / "notes.txt").write_text("not an image: not picked up from a folder")
-    (tmp_path / "empty").mkdir()
-    table = tmp_path / "out.csv"
-    result = run_program("predict", model_path, photos, tmp_path / "empty", "--csv", table)
-    expected = sorted(str(p) for p in photos.rglob("*.jpg"))
-    assert result.returncode == 1  # the empty folder is reported
-    assert result.stdout.startswith("Classified 2 of 3 photos in ")  # the rows are in the CSV
-    empty = f"error: {tmp_path / 'empty'}: a folder with no PNG or JPEG images in it"
-    assert result.stderr.strip() == empty
-    rows = list(csv.DictReader(table.open()))
-    assert [r["path"] for r in rows] == [*expected, str(tmp_path / "empty")]
-    for row in rows[:2]:
-        assert row["class"] in fm.CLASS_NAMES and 0 < float(row["probability"]) <= 1
-        assert row["top3"].count("%") == 3 and row["error"] == ""
-    assert rows[2]["class"] == "" and "no PNG or JPEG" in rows[2]["error"]
-
-
-def test_predict_csv_that_cannot_be_written(model_path, tmp_path):
-    photos = photo_folder(tmp_path / "photos", per_class=1, classes=[2])
-    result = run_program("predict", model_path, photos, "--csv", tmp_path / "no" / "such.csv")
-    assert_clean_failure(result, "--csv", "cannot write there")
-
-
 @pytest.mark.parametrize("arch", ["seed", "improved"])
 def test_finetune_learns_from_a_few_photos_and_predict_uses_it(arch, request, tmp_path):
     model_path = request.getfixturevalue("model_path" if arch == "seed" else "improved_model_path")
@@ -170,6 +92,7 @@ def test_finetune_learns_from_a_few_photos_and_predict_uses_it(arch, request, tm
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["photos_held_out"] == 20 and metrics["photos_tuned_on"] == 100  # 12 x 0.2
     assert metrics["photos"] == {name: 12 for name in fm.CLASS_NAMES}
+    assert metrics["backup_seconds"] >= 0  # the time its backups took, as training's says
     assert metrics["before"]["accuracy"] <= 0.2  # the model knew these items as other classes
     assert metrics["after"]["accuracy"] >= 0.7, metrics  # chance is 0.1
     assert set(metrics["after"]["per_class"]) == set(fm.CLASS_NAMES)
@@ -189,13 +112,14 @@ def test_a_tuned_model_gets_photos_prepared_as_it_was_tuned_on(model_path, tmp_p
     argv = ["finetune", str(model_path), str(photos), "--epochs", "1", "--holdout", "0"]
     assert fm.main([*argv, "--out-dir", str(out)]) == 0
     tuned = out / "model.keras"
-    assert fm.declared_preparation(model_path) is fm.prepare_image
-    assert fm.declared_preparation(tuned) is fm.prepare_as_photographed
-    as_photographed, alone = fm.prepare_as_photographed(worn), fm.prepare_image(worn)
+    assert declared_kind(model_path) == Kind("fashion-mnist", mirrored=False)
+    assert declared_kind(tuned) == Kind("as photographed", mirrored=False)
+    assert PREPARATIONS[declared_kind(tuned).photos] is prepare_as_photographed
+    as_photographed, alone = prepare_as_photographed(worn), prepare_image(worn)
     assert np.abs(as_photographed.astype(int) - alone).mean() > 40
-    model = fm.load_trained_model(tuned)
-    assert fm.predict_images(model, [worn])[0]["top3"] == fm.top_three(
-        model.predict(fm.scale_pixels(as_photographed[None]), verbose=0)[0]
+    model = load_trained_model(tuned)
+    assert predict_images(model, [worn])[0]["top3"] == top_three(
+        model.predict(scale_pixels(as_photographed[None]), verbose=0)[0]
     )
 
 
@@ -204,22 +128,20 @@ def test_before_is_measured_on_the_photos_as_predict_shows_them(model_path, tmp_
     (photos / "T-shirt-top").mkdir()
     for i in range(5):
         worn_photo(photos / "T-shirt-top" / f"{i}.png")
-    paths, labels = zip(*fm.find_labelled_photos(photos))
-    held_out = [paths[i] for i in fm.hold_out_photos(np.array(labels), 0.4, seed=42)[1]]
+    paths, labels = zip(*finetune.find_labelled_photos(photos))
+    held_out = [paths[i] for i in finetune.hold_out_photos(np.array(labels), 0.4, seed=42)[1]]
     worn = [path for path in held_out if path.parent.name == "T-shirt-top"]
-    assert (
-        len(worn) == 2 and (fm.prepare_image(worn[0]) != fm.prepare_as_photographed(worn[0])).any()
-    )
-    shown, measure = [], fm.photo_accuracy
+    assert len(worn) == 2 and (prepare_image(worn[0]) != prepare_as_photographed(worn[0])).any()
+    shown, measure = [], finetune.photo_accuracy
 
     def measured(model, images, labels):
         shown.append(images)
         return measure(model, images, labels)
 
-    monkeypatch.setattr(fm, "photo_accuracy", measured)
+    monkeypatch.setattr(finetune, "photo_accuracy", measured)
     # The Fashion-MNIST model sees worn garments taken off their models; a tuned one as shot.
     model = model_path
-    for expected, out in [(fm.prepare_image, "first"), (fm.prepare_as_photographed, "again")]:
+    for expected, out in [(prepare_image, "first"), (prepare_as_photographed, "again")]:
         shown.clear()
         argv = ["finetune", str(model), str(photos), "--epochs", "1", "--holdout", "0.4"]
         assert fm.main([*argv, "--out-dir", str(tmp_path / out)]) == 0
@@ -229,13 +151,13 @@ def test_before_is_measured_on_the_photos_as_predict_shows_them(model_path, tmp_
 
 def test_finetune_holds_out_the_same_photos_for_the_same_seed():
     labels = np.repeat(np.arange(3), [5, 10, 2])
-    tune, held = fm.hold_out_photos(labels, 0.2, seed=3)
-    again, held_again = fm.hold_out_photos(labels, 0.2, seed=3)
+    tune, held = finetune.hold_out_photos(labels, 0.2, seed=3)
+    again, held_again = finetune.hold_out_photos(labels, 0.2, seed=3)
     assert (tune == again).all() and (held == held_again).all()
     assert sorted([*tune, *held]) == list(range(17))
     assert [int((labels[held] == c).sum()) for c in range(3)] == [1, 2, 1]
     # --holdout 0: every photo tuned on, even a class's only one.
-    tune, held = fm.hold_out_photos(np.array([0, 1, 1]), 0, seed=3)
+    tune, held = finetune.hold_out_photos(np.array([0, 1, 1]), 0, seed=3)
     assert tune.tolist() == [0, 1, 2] and held.size == 0
 
 
@@ -319,6 +241,20 @@ def test_finetune_refuses_a_model_of_another_shape(tmp_path):
     assert not out.exists()
 
 
+@pytest.fixture(scope="module")
+def colour_model_path(tmp_path_factory):
+    """A small untrained model of a --backbone model's shape: photos 224x224x3 -> 10 classes."""
+    return colour_model(tmp_path_factory.mktemp("colour") / "model.keras")
+
+
+def test_finetune_without_backbone_refuses_a_colour_model(colour_model_path, tmp_path):
+    photos = product_folder(tmp_path / "photos", per_class=2)
+    out = tmp_path / "out"
+    result = run_program("finetune", colour_model_path, photos, "--out-dir", out)
+    assert_clean_failure(result, "a model from finetune --backbone", "run finetune --backbone")
+    assert not out.exists()
+
+
 def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
     photos = photo_folder(tmp_path / "photos", per_class=30)
     out = tmp_path / "out"
@@ -336,4 +272,4 @@ def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
     assert "Traceback" not in stderr and "after:" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] is True and 1 <= metrics["epochs_completed"] < 100000
-    assert fm.load_trained_model(out / "model.keras").count_params() == 93_322
+    assert load_trained_model(out / "model.keras").count_params() == 93_322

@@ -5,6 +5,7 @@ import pytest
 from conftest import distinct_images
 
 import fashion_mnist_cnn as fm
+from fashion_shop import models, predict
 
 keras = fm.start_tensorflow_quietly()
 AVX512 = "avx512f" in fm.cpu_info()[1]  # less what ONEDNN_MAX_CPU_ISA forbids oneDNN
@@ -206,7 +207,7 @@ def test_halves_give_the_whole_batch_loss_and_gradients():
 
     keras.utils.set_random_seed(0)
     labels = np.arange(33) % 10
-    x = fm.scale_pixels(distinct_images(labels))
+    x = models.scale_pixels(distinct_images(labels))
     model = fm.build_model("float32")
     trainer = fm.in_halves(model)
     gradients = []
@@ -332,15 +333,15 @@ def test_improved_model_builds_trains_saves_loads_and_predicts(tmp_path):
     )
     assert any(not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights))
     model.save(tmp_path / "model.keras")
-    loaded = fm.load_trained_model(tmp_path / "model.keras")
-    x = fm.scale_pixels(images[:5])
+    loaded = models.load_trained_model(tmp_path / "model.keras")
+    x = models.scale_pixels(images[:5])
     # Dropout acts only in training: predictions are repeatable and survive saving and loading.
     assert np.allclose(loaded.predict(x, verbose=0), loaded.predict(x, verbose=0))
     assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     from PIL import Image
 
     Image.fromarray(images[0]).save(tmp_path / "item.png")
-    (result,) = fm.predict_images(loaded, [tmp_path / "item.png"])
+    (result,) = predict.predict_images(loaded, [tmp_path / "item.png"])
     assert result["top3"][0]["class"] in fm.CLASS_NAMES
 
 
@@ -371,7 +372,7 @@ def test_each_epoch_shuffles_and_mirrors_anew_from_the_seed_and_epoch_alone():
         x = np.concatenate([np.concatenate(x) if kwargs else x for x, _ in data])
         return x, np.concatenate([y for _, y in data])
 
-    plain = fm.scale_pixels(images)
+    plain = models.scale_pixels(images)
     mirrored, made = [], []
     for number in (0, 1):
         x, index = epoch(1, number)

@@ -1,0 +1,12 @@
+"""The shop's tools, run as `fashion_mnist_cnn.py predict ...` and `... finetune ...`.
+
+    photos.py     photo preparation, as each kind of model was trained (no TensorFlow)
+    models.py     what a model file is: which kind, how it is loaded, how it answers
+    catalogue.py  a catalogue's CSV, continued after a stop, and the progress shown meanwhile
+    predict.py    the predict command: photos prepared on every core, classified in batches
+    finetune.py   the finetune command: a model adapted to a shop's labelled photos
+    backbone.py   finetune --backbone: an ImageNet network and a new last layer
+
+Each imports from fashion_mnist_cnn.py, the training script beside it, what it shares with
+training (the classes, the run folder and its backup, the training loop).
+"""

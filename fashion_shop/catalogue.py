@@ -1,0 +1,156 @@
+"""A catalogue's CSV of answers, written as photos are done and continued after a stop, and
+the progress shown meanwhile."""
+
+import contextlib
+import csv
+import io
+import sys
+import time
+
+from fashion_mnist_cnn import CLASS_NAMES, UserError
+
+CSV_HEADER = ["path", "class", "probability", "top3", "error"]
+# A file name that is not UTF-8 (copied from an old system) goes into the CSV as its own bytes,
+# as `ls` shows it, and --resume reads it back to the same path.
+FILE_NAME_BYTES = "surrogateescape"
+PROGRESS_EVERY = 10  # seconds between progress lines when stderr is not a terminal
+
+
+def csv_row(result):
+    top = result.get("top3", [])
+    return [
+        result["image"],
+        top[0]["class"] if top else "",
+        f"{top[0]['probability']:.4f}" if top else "",
+        "; ".join(f"{c['class']} {c['probability']:.1%}" for c in top),
+        result.get("error", ""),
+    ]
+
+
+def read_rows_done(path, paths):
+    """The rows that an interrupted run left in the CSV at path, checked against the photos to
+    classify now; (rows, bytes that hold them whole). A row cut off by the stop is left out."""
+
+    def refuse(reason):
+        raise UserError(
+            f"--resume: {path} {reason}; give another --csv, or leave out --resume to replace it"
+        )
+
+    if not path.exists():
+        return [], 0  # stopped before its first row: nothing to skip
+    if not path.is_file():  # a folder, or a device that never ends (/dev/zero)
+        refuse("cannot be read as a CSV (not a file)")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        refuse(f"cannot be read as a CSV ({error.strerror or error})")
+    rows_end = data.rfind(b"\n") + 1  # a row cut off after its last newline is left out
+    try:
+        text = data[:rows_end].decode(errors=FILE_NAME_BYTES)
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as error:
+        refuse(f"is damaged ({error})")
+    if rows[:1] != [CSV_HEADER]:
+        refuse("was not written by predict (its first line is not " + ",".join(CSV_HEADER) + ")")
+    rows, wanted, seen = rows[1:], {str(p) for p in paths}, set()
+    for number, row in enumerate(rows, start=2):
+        whole = len(row) == len(CSV_HEADER) and (
+            (row[1] in CLASS_NAMES and not row[4]) or (row[1] == "" and row[4])
+        )  # a class, or an error
+        if not whole:
+            refuse(f"is damaged at line {number}")
+        if row[0] not in wanted:
+            refuse(f"lists {row[0]}, which is not among the photos given: it is another run's")
+        if row[0] in seen:
+            refuse(f"lists {row[0]} twice")
+        seen.add(row[0])
+    return rows, rows_end
+
+
+def refuse_to_replace_other_files(path):
+    """--csv replaces its file; refused if that file holds anything but predict's rows (a photo
+    or the model, named by a slip of the shell: `--csv *.jpg`)."""
+    header = ",".join(CSV_HEADER).encode()
+    if not path.is_file():
+        return  # nothing to lose (a folder is reported when the CSV is opened; /dev/null is fine)
+    try:
+        with path.open("rb") as file:
+            first_line = file.readline(len(header) + 2).rstrip(b"\r\n")
+    except OSError as error:
+        raise UserError(f"--csv {path}: cannot be read ({error.strerror})") from None
+    if first_line and first_line != header:
+        raise UserError(
+            f"--csv {path}: not a CSV written by predict, so it is left as it is; give another "
+            "--csv, or remove that file first"
+        )
+
+
+@contextlib.contextmanager
+def predictions_csv(path, resume_from=None):
+    """A function that writes rows to the CSV at path and flushes them. resume_from: bytes of
+    an interrupted run's rows to keep (a row cut off after them is dropped); else the file is
+    replaced."""
+    try:
+        if resume_from:
+            file = path.open("r+", newline="", encoding="utf-8", errors=FILE_NAME_BYTES)
+            file.truncate(resume_from)
+            file.seek(resume_from)
+        else:
+            file = path.open("w", newline="", encoding="utf-8", errors=FILE_NAME_BYTES)
+    except OSError as error:
+        raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
+    writer = csv.writer(file)
+
+    def write_rows(rows):
+        try:
+            writer.writerows(rows)
+            file.flush()
+        except OSError as error:  # the disk is full, say: the rows written so far stay whole
+            raise UserError(
+                f"--csv {path}: cannot write there ({error.strerror}); once there is room, add "
+                "--resume to classify the rest"
+            ) from None
+
+    try:
+        if not resume_from:
+            write_rows([CSV_HEADER])
+        yield write_rows
+    finally:
+        with contextlib.suppress(OSError):  # what could not be written has been reported
+            file.close()
+
+
+def per_second(done, seconds):
+    """'145 a second', or '0.5 a second' for a few photos (TensorFlow's start dominates)."""
+    rate = done / seconds if seconds > 0 else 0.0
+    return f"{rate:,.{0 if rate >= 10 else 1}f} a second"
+
+
+def progress_text(done, total, seconds):
+    rate = done / seconds if seconds > 0 else 0.0
+    left = (total - done) / rate if rate else 0.0
+    clock = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+    when = f"{clock.removeprefix('0:')} left" if done < total else f"done in {seconds:.0f} s"
+    return f"{done:,}/{total:,} photos, {per_second(done, seconds)}, {when}"
+
+
+def show_progress(total, on_terminal, start):
+    """A function to call with the photos done so far: on a terminal, a bar rewritten in place;
+    elsewhere (a log), a line every PROGRESS_EVERY seconds and one at the end. On stderr, as
+    stdout holds the results (which is why not Keras' Progbar)."""
+    last = [start]
+
+    def update(done):
+        now = time.perf_counter()
+        seconds = now - start
+        if on_terminal:
+            filled = round(30 * done / max(total, 1))
+            bar = "=" * filled + " " * (30 - filled)
+            end = "\n" if done == total else ""
+            print(f"\r[{bar}] {progress_text(done, total, seconds)}", end=end, file=sys.stderr)
+        elif now - last[0] >= PROGRESS_EVERY or (done == total and last[0] > start):
+            last[0] = now  # (a run too short for a line does not get a last one either)
+            print(progress_text(done, total, seconds), file=sys.stderr)
+        sys.stderr.flush()
+
+    return update

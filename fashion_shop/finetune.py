@@ -1,0 +1,272 @@
+"""`fashion_mnist_cnn.py finetune`: adapt a trained model to a shop's own labelled photos, or
+with --backbone train a new last layer on an ImageNet network for them."""
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from fashion_mnist_cnn import (
+    BATCH_SIZE,
+    CLASS_NAMES,
+    SEED,
+    ArgumentParser,
+    HelpFormatter,
+    UserError,
+    add_run_folder_options,
+    batches,
+    compile_model,
+    confusion_matrix,
+    file_sha256,
+    fingerprint,
+    finish_run,
+    open_run,
+    per_class_accuracy,
+    plot_confusion_matrix,
+    positive_int,
+    save_figure,
+    seed_value,
+    share_of_one,
+    start_tensorflow_quietly,
+    train_run,
+    use_windows,
+)
+from fashion_shop.backbone import BACKBONES, build_transfer_model, feature_batches, photo_features
+from fashion_shop.models import TUNED_NAME, class_probabilities, kind_of, load_trained_model
+from fashion_shop.photos import IMAGE_SUFFIXES, PREPARATIONS, PhotoError
+from fashion_shop.predict import PREDICT_BATCH
+
+# Chosen on real shop photos, each photo mirrored at random as shops show shoes pointing either
+# way (benchmarks/README.md).
+FINETUNE_EPOCHS = 120
+FINETUNE_LEARNING_RATE = 0.001  # with --backbone too
+FINETUNE_HOLDOUT = 0.2  # share of each class's photos kept back to measure on
+BACKBONE_EPOCHS = 100  # the new layer alone learns fast: 100 epochs of 400 photos take seconds
+
+
+def parse_finetune_args(argv):
+    parser = ArgumentParser(
+        prog="fashion_mnist_cnn.py finetune",
+        description="Adapt a trained model to your own labelled photos, or with --backbone "
+        "train one for them on a network pre-trained on ImageNet (better on real photos). "
+        "FOLDER holds one subfolder per class, named after it (case, spaces, punctuation and "
+        "plurals ignored: t-shirt_top or Tops, Ankle boots); classes without photos may be left "
+        "out.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "model", type=Path, nargs="?", help="a model.keras written by a run (not with --backbone)"
+    )
+    parser.add_argument("folder", type=Path, help="the labelled photos, a subfolder per class")
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(BACKBONES),
+        help="instead of MODEL, Keras' ImageNet network of that name sees the colour photos "
+        "and a new last layer is trained (weights downloaded once into the Keras cache)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        help=f"epochs (default: {FINETUNE_EPOCHS}, or {BACKBONE_EPOCHS} with --backbone)",
+    )
+    parser.add_argument(
+        "--learning-rate", type=share_of_one(), default=FINETUNE_LEARNING_RATE, help="Adam's rate"
+    )
+    parser.add_argument(
+        "--holdout",
+        type=share_of_one(zero_allowed=True),
+        default=FINETUNE_HOLDOUT,
+        help="share of each class's photos held out to measure before and after (0: tune on "
+        "all of them, measure nothing)",
+    )
+    parser.add_argument("--seed", type=seed_value, default=SEED, help="random seed")
+    add_run_folder_options(parser, "the new model and metrics", "-finetune")
+    args = parser.parse_args(argv)
+    if args.backbone and args.model:
+        parser.error("--backbone trains a new model on the photos: leave out MODEL")
+    if not args.backbone and not args.model:
+        parser.error("give the MODEL to adapt and the FOLDER of photos, or --backbone NAME FOLDER")
+    if args.epochs is None:
+        args.epochs = BACKBONE_EPOCHS if args.backbone else FINETUNE_EPOCHS
+    return args
+
+
+def class_key(name):
+    """A class or folder name without case, spaces or punctuation: "T-shirt/top" -> "tshirttop"."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def folder_names(name):
+    """The folder names, as keys, that mean a class: its name, plural too ("Sneakers", "Ankle
+    boots", "Dresses"), and for T-shirt/top either half ("T-shirts", "Tops")."""
+    keys = {class_key(part) for part in (name, *name.split("/"))}
+    return {word for key in keys for word in (key, key + ("es" if key.endswith("s") else "s"))}
+
+
+def find_labelled_photos(folder):
+    """(path, class index) of every photo in FOLDER's class subfolders, sorted; anything that
+    could mislabel or silently drop a photo is refused with one line."""
+    if not folder.is_dir():
+        problem = "not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"{folder}: {problem}")
+    classes = {word: index for index, name in enumerate(CLASS_NAMES) for word in folder_names(name)}
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    loose = [p for p in entries if p.is_file()]
+    if loose:
+        raise UserError(f"{loose[0]}: a file outside the class subfolders has no label")
+    if not entries:
+        raise UserError(
+            f"{folder}: no class subfolders; put each class's photos in a subfolder named after "
+            f"it, e.g. {folder / 'sneaker'}"
+        )
+    photos = []
+    for subfolder in entries:
+        if class_key(subfolder.name) not in classes:
+            raise UserError(
+                f"{subfolder}: names no class; the class folders are (case, spaces, "
+                f"punctuation and plurals ignored): {', '.join(CLASS_NAMES)}"
+            )
+        files = sorted(
+            p for p in subfolder.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+        others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if others:
+            raise UserError(
+                f"{others[0]}: not a PNG or JPEG; fine-tuning refuses it rather than skip it "
+                "(move it out of the class folders)"
+            )
+        if not files:
+            raise UserError(f"{subfolder}: no PNG or JPEG photos in this class folder")
+        photos += [(path, classes[class_key(subfolder.name)]) for path in files]
+    return photos
+
+
+def prepare_photos(paths, photos):
+    """The photos prepared as `photos` names (a key of PREPARATIONS): a bad one stops us here."""
+    try:
+        return np.stack([PREPARATIONS[photos](path) for path in paths])
+    except PhotoError as error:
+        raise UserError(str(error)) from None
+
+
+def hold_out_photos(labels, holdout, seed):
+    """Indices to fine-tune on and to measure on: each class's share held out, fixed by the
+    seed, at least one photo of each class on each side (none held out with holdout 0). Per
+    class, unlike training's split_validation: a shop's classes may have a few photos each."""
+    if holdout == 0:
+        return np.arange(len(labels)), np.array([], int)
+    rng = np.random.default_rng(seed)
+    tune, held_out = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) < 2:
+            raise UserError(
+                f"too few photos for the hold-out: {CLASS_NAMES[label]} has "
+                f"{len(members)}; each class folder needs 2 or more (more than 10 to learn much)"
+            )
+        n_held = min(max(1, round(len(members) * holdout)), len(members) - 1)
+        held_out += members[:n_held].tolist()
+        tune += members[n_held:].tolist()
+    return np.array(sorted(tune)), np.array(sorted(held_out))
+
+
+def photo_accuracy(model, images, labels):
+    """Accuracy overall and per class present, and the confusion matrix, on prepared photos,
+    classified as predict does."""
+    predicted = np.concatenate(
+        [
+            class_probabilities(model, images[i : i + PREDICT_BATCH]).argmax(axis=1)
+            for i in range(0, len(images), PREDICT_BATCH)
+        ]
+    )
+    confusion = confusion_matrix(labels, predicted)
+    return {
+        "accuracy": float(np.mean(predicted == labels)),
+        "per_class": per_class_accuracy(confusion),
+        "confusion": confusion,
+    }
+
+
+def accuracy_report(result):
+    """What metrics.json keeps of photo_accuracy's result (None: nothing was measured)."""
+    return result and {key: result[key] for key in ("accuracy", "per_class")}
+
+
+def photo_batches(images, labels, seed, epoch):
+    """An epoch of the photos in an order drawn from (seed, epoch), each mirrored at random:
+    shops show shoes pointing either way, Fashion-MNIST only left."""
+    return batches(images, labels, BATCH_SIZE, epoch_key=(seed, epoch), augment=True)
+
+
+def main(argv):
+    """photos -> hold-out -> model (yours, or an ImageNet network with a new last layer) ->
+    accuracy before -> fine-tune -> accuracy after -> save."""
+    args = parse_finetune_args(argv)
+    photos = find_labelled_photos(args.folder)
+    tuned_photos = "colour" if args.backbone else "as photographed"
+    images = prepare_photos([path for path, _ in photos], tuned_photos)
+    labels = np.array([label for _, label in photos])
+    tune, held_out = hold_out_photos(labels, args.holdout, args.seed)
+    keras = start_tensorflow_quietly()
+    keras.utils.set_random_seed(args.seed)
+    if args.backbone:
+        model, learner = build_transfer_model(args.backbone)
+    else:
+        model = learner = load_trained_model(args.model)
+        if model.input_shape[1:] != (28, 28, 1):
+            raise UserError(
+                f"{args.model}: a model from finetune --backbone; to add photos, run finetune "
+                "--backbone again on all of them (it takes a minute)"
+            )
+    options = {
+        "model": args.backbone or file_sha256(args.model),
+        "photo folder": fingerprint(images, labels),
+        "--learning-rate": args.learning_rate,
+        "--holdout": args.holdout,
+        "--seed": args.seed,
+    }
+    run = open_run(args, "finetune", options, suffix="-finetune")
+    use_windows(False)  # the confusion matrix is saved, never shown
+    what = f"a new last layer on {args.backbone} (ImageNet)" if args.backbone else "the model"
+    print(
+        f"Fine-tuning {what} on {len(tune)} photos, measuring on {len(held_out)} held out, "
+        f"{len(np.unique(labels))} classes"
+    )
+    measure = len(held_out) > 0
+    before = None  # a new last layer knows nothing yet: nothing to measure
+    if measure and not args.backbone:  # the photos as predict shows them to this model
+        shown_as = kind_of(model).photos
+        shown = images[held_out]  # a model tuned before sees them as they were prepared
+        if shown_as != tuned_photos:
+            shown = prepare_photos([photos[i][0] for i in held_out], shown_as)
+        before = photo_accuracy(model, shown, labels[held_out])
+        print(f"Accuracy on the held-out photos before: {before['accuracy']:.4f}")
+    compile_model(learner, keras.optimizers.Adam(args.learning_rate))
+    if args.backbone:  # what the backbone sees in each photo, then in each mirror image
+        features = photo_features(model, images[tune])
+        epoch_data = functools.partial(
+            feature_batches, features, np.tile(labels[tune], 2), args.seed
+        )
+    else:
+        epoch_data = functools.partial(photo_batches, images[tune], labels[tune], args.seed)
+    progress, stop_signal = train_run(learner, run, epoch_data, None, args.epochs)
+    if not args.backbone:  # so that predict, and "after", show it photos as it was tuned on
+        model.name = TUNED_NAME
+    after = photo_accuracy(model, images[held_out], labels[held_out]) if measure else None
+    if after:
+        print(f"Accuracy on the held-out photos after:  {after['accuracy']:.4f}")
+        save_figure(plot_confusion_matrix(after["confusion"]), run.out_dir / "confusion_matrix.png")
+    else:
+        print("No photos held out (--holdout 0): nothing measured")
+    counts = np.bincount(labels, minlength=10)
+    results = {
+        "before": accuracy_report(before),
+        "after": accuracy_report(after),
+        "photos": {CLASS_NAMES[c]: int(counts[c]) for c in range(10) if counts[c]},
+        "photos_tuned_on": len(tune),
+        "photos_held_out": len(held_out),
+    }
+    details = {"config": vars(args) | {"keras": keras.__version__}}
+    figure = ", history.csv and confusion_matrix.png" if after else " and history.csv"
+    saved = f"model.keras, metrics.json{figure}"
+    return finish_run(run, model, progress, stop_signal, results, details, saved)
