@@ -4,11 +4,12 @@
     python fashion_mnist_cnn.py --data-dir DIR         # the same, offline, from the four IDX files
     python fashion_mnist_cnn.py predict MODEL PATH...  # classify your own photos (fashion_shop/)
     python fashion_mnist_cnn.py finetune MODEL FOLDER  # adapt the model to your labelled photos
+    python fashion_mnist_cnn.py export MODEL           # for TF Serving, phones, onnxruntime
 
 The run reads top to bottom: arguments -> data -> compute -> model -> train and evaluate ->
 figures -> save. TensorFlow is imported only once the arguments and the data have been checked,
 so that --help and mistakes are answered at once; that is why some functions import it themselves.
-predict and finetune live in the fashion_shop package beside this file.
+predict, finetune and export live in the fashion_shop package beside this file.
 """
 
 import argparse
@@ -165,7 +166,8 @@ def parse_train_args(argv):
         description="Train the classic small CNN on Fashion-MNIST and show what it learned.",
         epilog="Then, with the model.keras a run writes: fashion_mnist_cnn.py predict MODEL "
         "PATH... classifies your own photos and folders; fashion_mnist_cnn.py finetune MODEL "
-        "FOLDER adapts the model to your labelled photos (see predict --help, finetune --help).",
+        "FOLDER adapts the model to your labelled photos; fashion_mnist_cnn.py export MODEL "
+        "writes it for TF Serving, phone apps and onnxruntime (see each one's --help).",
         formatter_class=HelpFormatter,
     )
     recipe = parser.add_argument_group("the recipe")
@@ -243,25 +245,20 @@ def parse_train_args(argv):
 # Data
 
 
-def start_tensorflow_quietly():
-    """Import Keras and TensorFlow and find the devices, with TensorFlow's C++ notes hidden.
-
-    TensorFlow 2.21 writes those before it reads TF_CPP_MIN_LOG_LEVEL, so stderr points elsewhere
-    meanwhile; if the import fails, what it wrote is shown. TF_CPP_MIN_LOG_LEVEL=0 shows all.
-    """
+@contextlib.contextmanager
+def tensorflow_notes_hidden():
+    """TensorFlow's C++ notes (and its libraries') hidden meanwhile: they are written before
+    TF_CPP_MIN_LOG_LEVEL is read, so stderr points elsewhere. If the block fails, what was
+    written is shown; TF_CPP_MIN_LOG_LEVEL=0 shows everything."""
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
-        import keras
-
-        return keras
+        yield
+        return
     sys.stderr.flush()
     saved_stderr = os.dup(2)
     with tempfile.TemporaryFile() as log:
         os.dup2(log.fileno(), 2)
         try:
-            import keras
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
+            yield
         except BaseException:
             os.dup2(saved_stderr, 2)
             log.seek(0)
@@ -270,6 +267,15 @@ def start_tensorflow_quietly():
         finally:
             os.dup2(saved_stderr, 2)
             os.close(saved_stderr)
+
+
+def start_tensorflow_quietly():
+    """Import Keras and TensorFlow and find the devices, with TensorFlow's notes hidden."""
+    with tensorflow_notes_hidden():
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
     return keras
 
 
@@ -1315,7 +1321,7 @@ def run_training(args):
 
 
 def run_shop_command(argv):
-    """predict and finetune, from the fashion_shop package beside this file."""
+    """predict, finetune and export, from the fashion_shop package beside this file."""
     # The package imports this file by name; run as a script, it is that module already.
     sys.modules.setdefault("fashion_mnist_cnn", sys.modules[__name__])
     try:
@@ -1335,7 +1341,7 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8, printed as ls does
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
-        if argv[:1] in (["predict"], ["finetune"]):
+        if argv[:1] in (["predict"], ["finetune"], ["export"]):
             choose_onednn(cpu_info()[1])
             return run_shop_command(argv)
         args = parse_train_args(argv)

@@ -1,4 +1,4 @@
-"""The shop's tools, run as `fashion_mnist_cnn.py predict ...` and `... finetune ...`.
+"""The shop's tools, run as `fashion_mnist_cnn.py predict|finetune|export ...`.
 
     photos.py     photo preparation, as each kind of model was trained (no TensorFlow)
     models.py     what a model file is: which kind, how it is loaded, how it answers
@@ -6,6 +6,8 @@
     predict.py    the predict command: photos prepared on every core, classified in batches
     finetune.py   the finetune command: a model adapted to a shop's labelled photos
     backbone.py   finetune --backbone: an ImageNet network and a new last layer
+    export.py     the export command: SavedModel, LiteRT and ONNX files, each proven
+    runtimes.py   each exported format run in its own runtime
 
 Each imports from fashion_mnist_cnn.py, the training script beside it, what it shares with
 training (the classes, the run folder and its backup, the training loop).

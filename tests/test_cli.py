@@ -113,13 +113,21 @@ def test_bad_arguments_are_refused_in_one_line_without_tensorflow(args, message)
     assert not imports_tensorflow(result)
 
 
-@pytest.mark.parametrize("command", ["predict", "finetune"])
-def test_subcommand_help_without_tensorflow(command):
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        ("predict", "--json"),
+        (
+            "finetune",
+            f"(default: {finetune.FINETUNE_EPOCHS}, or {finetune.BACKBONE_EPOCHS} with --backbone)",
+        ),
+        ("export", "{savedmodel,litert,onnx,all}"),
+    ],
+)
+def test_subcommand_help_without_tensorflow(command, shown):
     result = run_with_importtime(command, "--help")
     assert result.returncode == 0 and not imports_tensorflow(result)
-    epochs, backbone_epochs = finetune.FINETUNE_EPOCHS, finetune.BACKBONE_EPOCHS
-    defaults = f"(default: {epochs}, or {backbone_epochs} with --backbone)"
-    assert "--json" in result.stdout if command == "predict" else defaults in result.stdout
+    assert shown in result.stdout
 
 
 def test_bad_data_dir_is_refused_before_tensorflow_loads(tmp_path):
@@ -191,7 +199,7 @@ def test_the_script_copied_alone_trains(lone_copy, tmp_path):
     assert not (lone_copy.parent / "fashion_shop").exists()
 
 
-@pytest.mark.parametrize("command", ["predict", "finetune"])
+@pytest.mark.parametrize("command", ["predict", "finetune", "export"])
 def test_the_shop_commands_of_the_script_alone_name_the_package_it_needs(
     lone_copy, tmp_path, command
 ):

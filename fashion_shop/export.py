@@ -1,0 +1,269 @@
+"""`fashion_mnist_cnn.py export`: a model as files that run where shops run things, a SavedModel
+for TF Serving, a LiteRT file for phones (and a smaller one with int8 weights), an ONNX file
+for any runtime, each proven in its own runtime to answer as the model does."""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fashion_mnist_cnn import (
+    CLASS_NAMES,
+    ArgumentParser,
+    HelpFormatter,
+    UserError,
+    load_fashion_mnist,
+    start_tensorflow_quietly,
+    tensorflow_notes_hidden,
+)
+from fashion_shop import runtimes
+from fashion_shop.finetune import find_labelled_photos, prepare_photos
+from fashion_shop.models import in_float32, kind_of, load_trained_model
+from fashion_shop.photos import COLOUR_SIZE, find_images
+
+FORMATS = ["savedmodel", "litert", "onnx"]
+WRITTEN_BY = "fashion_mnist_cnn.py export"  # model.json says so: a folder export may replace
+GENERATED_PHOTOS = 64  # the check batch of a colour model when no photos are given
+PREPARED = {
+    "fashion-mnist": "fashion_shop/photos.py prepare_image: the item cut out of its background, "
+    "its longest side 28 px, centred on 28x28, light on dark (Fashion-MNIST's view: a garment "
+    "off its model, a shoe level and pointing left)",
+    "as photographed": "fashion_shop/photos.py prepare_as_photographed: as prepare_image, with "
+    "garments left on their models and shoes as they were shot",
+    "colour": "fashion_shop/photos.py prepare_colour: the whole photo in colour, its longest side "
+    f"{COLOUR_SIZE} px, made square with its own background colour",
+}
+
+
+def parse_export_args(argv):
+    parser = ArgumentParser(
+        prog="fashion_mnist_cnn.py export",
+        description="Export a model.keras for where shops run things, and prove each export "
+        "answers as the model does in its own runtime: a SavedModel for TF Serving, a LiteRT "
+        "file for phones (plus one with int8 weights, a quarter of the size), an ONNX file.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("model", type=Path, help="a model.keras written by a run")
+    parser.add_argument("--format", choices=[*FORMATS, "all"], default="all", help="what to write")
+    parser.add_argument(
+        "--out-dir", type=Path, help="where the files go (default: export/ beside MODEL)"
+    )
+    check = parser.add_mutually_exclusive_group()
+    check.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the Fashion-MNIST files whose test images check a 28x28 model (default: the "
+        "download, as training reads them)",
+    )
+    check.add_argument(
+        "--photos",
+        type=Path,
+        nargs="+",
+        metavar="PATH",
+        help="check on these photos and folders instead, prepared as predict prepares them "
+        f"(default for a colour model: {GENERATED_PHOTOS} generated ones)",
+    )
+    args = parser.parse_args(argv)
+    args.formats = FORMATS if args.format == "all" else [args.format]
+    args.out_dir = args.out_dir or args.model.parent / "export"
+    return args
+
+
+def refuse_other_files(out_dir):
+    """An existing --out-dir is replaced only if it holds an earlier export and nothing else."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir}: a file, not a folder")
+    inside = {path.name for path in out_dir.iterdir()}
+    if not inside:
+        return
+    try:
+        written = json.loads((out_dir / "model.json").read_text())
+        ours = written["written_by"] == WRITTEN_BY and inside <= {"model.json", *written["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise UserError(
+            f"--out-dir {out_dir} holds files that export did not write; give another --out-dir "
+            "or empty it"
+        )
+
+
+def generated_photos(count, seed=0):
+    """Colour product shots of random items on random backgrounds, already COLOUR_SIZE square."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:COLOUR_SIZE, :COLOUR_SIZE]
+    photos = np.empty((count, COLOUR_SIZE, COLOUR_SIZE, 3), np.uint8)
+    for photo in photos:
+        photo[:] = rng.integers(0, 256, 3)
+        cy, cx, ry, rx = rng.integers(40, 184, 2).tolist() + rng.integers(15, 90, 2).tolist()
+        photo[((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1] = rng.integers(0, 256, 3)
+        noise = rng.normal(0, 6, photo.shape)
+        photo[:] = np.clip(photo + noise, 0, 255)
+    return photos
+
+
+def labelled(paths):
+    """(path, class) of the photos given, the classes from their folders where one folder of
+    class folders (finetune's layout) is given, else None."""
+    if len(paths) == 1 and paths[0].is_dir():
+        with contextlib.suppress(UserError):
+            return find_labelled_photos(paths[0])
+    return [(path, None) for path in find_images(paths)]
+
+
+def check_batch(args, kind):
+    """The images every export must answer as the model does: (images, labels or None, what)."""
+    if args.photos:
+        photos = labelled(args.photos)
+        images = prepare_photos([path for path, _ in photos], kind.photos)
+        labels = [label for _, label in photos]
+        known = None if None in labels else np.array(labels)
+        return images, known, f"{len(images):,} {'labelled ' * (known is not None)}photos"
+    if kind.photos == "colour":
+        return generated_photos(GENERATED_PHOTOS), None, f"{GENERATED_PHOTOS} generated photos"
+    _, (x_test, y_test) = load_fashion_mnist(args.data_dir)
+    return x_test, y_test, f"{len(x_test):,} test images"
+
+
+def named(keras, model):
+    """The model with its input called "images" and its output "probabilities", the names
+    every format keeps; called once, as the ONNX export needs."""
+    images = keras.Input(model.input_shape[1:], name=runtimes.INPUT)
+    exported = keras.Model(images, {runtimes.OUTPUT: model(images)}, name=model.name)
+    exported(np.zeros((1, *model.input_shape[1:]), np.float32))
+    return exported
+
+
+def write_format(model, fmt, folder, quantized=False):
+    """The model written in one format under folder; returns the path a runtime loads."""
+    import tensorflow as tf
+
+    if fmt == "savedmodel":  # TF Serving's layout: a folder per model, one per version
+        path = folder / model.name / runtimes.SAVEDMODEL_VERSION
+        model.export(path, format="tf_saved_model", verbose=False)
+    elif fmt == "litert":
+        path = folder / f"{model.name}{'.int8' * quantized}.tflite"
+        # Dynamic-range quantization: int8 weights, float32 inputs, outputs and activations.
+        options = {"optimizations": [tf.lite.Optimize.DEFAULT]} if quantized else {}
+        model.export(path, format="litert", verbose=False, **options)
+    else:
+        path = folder / f"{model.name}.onnx"
+        model.export(path, format="onnx", verbose=False)
+    return path
+
+
+def size_of(path):
+    files = path.rglob("*") if path.is_dir() else [path]
+    return sum(file.stat().st_size for file in files if file.is_file())
+
+
+def prove(fmt, path, images, expected):
+    """The export's answers from its own runtime, refused unless every image gets the model's
+    top class; returns them and the largest probability difference."""
+    with tensorflow_notes_hidden():  # LiteRT's delegate and tf2onnx's notes
+        got = runtimes.answers(runtimes.RUNNERS[fmt](path), images)
+    difference = float(np.abs(got - expected).max())
+    unlike = int(np.sum(got.argmax(axis=1) != expected.argmax(axis=1)))
+    if unlike:
+        raise UserError(
+            f"the {fmt} export answers another class than the model for {unlike:,} of "
+            f"{len(images):,} images (probabilities differ by up to {difference:.2g}): nothing "
+            "was written"
+        )
+    return got, difference
+
+
+def describe(model, kind, files, checks):
+    """model.json: what a program that loads the exports needs to know."""
+    return {
+        "written_by": WRITTEN_BY,
+        "name": model.name,
+        "input": {
+            "name": runtimes.INPUT,
+            "shape": [None, *model.input_shape[1:]],
+            "dtype": "float32",
+            "scale": "pixel values / 255, in [0, 1]",
+            "light_on_dark": kind.photos != "colour",
+            "prepared_by": PREPARED[kind.photos],
+        },
+        "output": {"name": runtimes.OUTPUT, "shape": [None, 10], "classes": CLASS_NAMES},
+        "mirrored": kind.mirrored,  # average the answers for a photo and its mirror image
+        "files": files,
+        "checks": checks,
+    }
+
+
+def export(model, formats, images, expected, labels, folder):
+    """Write each format in folder and prove it answers `expected` (the Keras model's answers
+    for the images); returns model.json's files and checks."""
+    files, checks = {}, {}
+    outputs = [(fmt, False) for fmt in formats] + [("litert", True)] * ("litert" in formats)
+    for fmt, quantized in outputs:
+        with tensorflow_notes_hidden():
+            path = write_format(model, fmt, folder, quantized)
+        name = path.relative_to(folder).parts[0]
+        check = {"size_bytes": size_of(path)}
+        if quantized:  # int8 weights answer a little differently: measured, not refused
+            with tensorflow_notes_hidden():
+                got = runtimes.answers(runtimes.RUNNERS["litert"](path), images)
+            check["same_top_class"] = float(np.mean(got.argmax(1) == expected.argmax(1)))
+            line = f"{check['same_top_class']:.1%} the same top class"
+        else:
+            got, check["largest_difference"] = prove(fmt, path, images, expected)
+            line = f"same top class on all, largest difference {check['largest_difference']:.1g}"
+        if labels is not None:
+            check["accuracy"] = float(np.mean(got.argmax(1) == labels))
+            line += f", accuracy {check['accuracy']:.4f}"
+        files[name] = {"format": fmt, "int8_weights": quantized}
+        checks[name] = check
+        print(f"  {name + '/' * path.is_dir()}: {check['size_bytes'] / 1e6:.2f} MB, {line}")
+    return files, checks
+
+
+def beside(out_dir):
+    """A new folder beside --out-dir, under a name no one else uses, to write everything in
+    before it takes --out-dir's place."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as error:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({error.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    partial.chmod(0o777 & ~umask)  # as a folder made by mkdir, not mkdtemp's private one
+    return partial
+
+
+def main(argv):
+    """model -> float32 with named input and output -> each format written and proven in its
+    own runtime -> model.json -> all moved into --out-dir at once."""
+    args = parse_export_args(argv)
+    refuse_other_files(args.out_dir)
+    partial = beside(args.out_dir)
+    old = partial.with_name(partial.name.replace(".partial-", ".old-"))
+    try:
+        keras = start_tensorflow_quietly()
+        model = load_trained_model(args.model)
+        kind = kind_of(model)
+        images, labels, what = check_batch(args, kind)
+        in_float32(model)  # exports compute in float32, whatever the model was trained in
+        expected = runtimes.answers(model.predict_on_batch, images)  # one photo: no mirror
+        model = named(keras, model)
+        print(f"Exporting {args.model} ({model.name}), checked on {what}:")
+        files, checks = export(model, args.formats, images, expected, labels, partial)
+        description = describe(model, kind, files, checks)
+        (partial / "model.json").write_text(json.dumps(description, indent=2) + "\n")
+        if args.out_dir.exists():  # an earlier export, and only that (refuse_other_files)
+            os.replace(args.out_dir, old)
+        os.replace(partial, args.out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"Saved {', '.join(files)} and model.json to {args.out_dir}/")
+    return 0
