@@ -246,10 +246,10 @@ def parse_train_args(argv):
 
 
 @contextlib.contextmanager
-def tensorflow_notes_hidden():
+def tensorflow_notes_hidden(shown_on_failure=True):
     """TensorFlow's C++ notes (and its libraries') hidden meanwhile: they are written before
     TF_CPP_MIN_LOG_LEVEL is read, so stderr points elsewhere. If the block fails, what was
-    written is shown; TF_CPP_MIN_LOG_LEVEL=0 shows everything."""
+    written is shown, unless the caller says why in a line; TF_CPP_MIN_LOG_LEVEL=0 shows all."""
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
         yield
         return
@@ -261,8 +261,9 @@ def tensorflow_notes_hidden():
             yield
         except BaseException:
             os.dup2(saved_stderr, 2)
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace"))
+            if shown_on_failure:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace"))
             raise
         finally:
             os.dup2(saved_stderr, 2)
@@ -802,11 +803,14 @@ def confusion_matrix(true, predicted):
     return np.bincount(true.astype(int) * 10 + predicted, minlength=100).reshape(10, 10)
 
 
-def per_class_accuracy(confusion):
-    """Each class's share of its images predicted right, to 4 digits, for the classes present."""
+def per_class_accuracy(confusion, only_present=False):
+    """Each class's share of its images predicted right, to 4 digits (0 for a class with none,
+    or with only_present, the classes that have images only)."""
     counts = confusion.sum(axis=1)
     accuracy = (confusion.diagonal() / np.maximum(counts, 1)).round(4).tolist()
-    return {name: accuracy[c] for c, name in enumerate(CLASS_NAMES) if counts[c]}
+    return {
+        name: accuracy[c] for c, name in enumerate(CLASS_NAMES) if counts[c] or not only_present
+    }
 
 
 def evaluate(model, test_data, y_test):

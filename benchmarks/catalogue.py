@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import photo_like  # noqa: E402
 
 import fashion_mnist_cnn as fm  # noqa: E402
-from fashion_shop import finetune, photos  # noqa: E402
+from fashion_shop import folders, photos  # noqa: E402
 
 FILED_AGAINST = "5d4a29c"  # main when the catalogue issue was filed
 
@@ -162,7 +162,7 @@ def timed(command, memory=False):
 def accuracy(csv_path, folder):
     """Share of rows whose class is the one named by the photo's class folder."""
     truth = {
-        str(path): fm.CLASS_NAMES[label] for path, label in finetune.find_labelled_photos(folder)
+        str(path): fm.CLASS_NAMES[label] for path, label in folders.find_labelled_photos(folder)
     }
     with open(csv_path, newline="") as file:
         return np.mean([truth[row["path"]] == row["class"] for row in csv.DictReader(file)])

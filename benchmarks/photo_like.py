@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fashion_mnist_cnn as fm  # noqa: E402
-from fashion_shop import finetune, models, predict  # noqa: E402
+from fashion_shop import folders, models, predict  # noqa: E402
 
 BACKGROUNDS = ["light", "dark", "coloured"]
 
@@ -102,9 +102,10 @@ def make(args):
 
 
 def score(args):
+    fm.choose_onednn(fm.cpu_info()[1])  # as main() does
     fm.start_tensorflow_quietly()
     model = models.load_trained_model(args.model)
-    photos = finetune.find_labelled_photos(args.photos)
+    photos = folders.find_labelled_photos(args.photos)
     results = predict.predict_images(model, [path for path, _ in photos])
     right = {kind: [] for kind in BACKGROUNDS}
     per_class = {name: [] for name in fm.CLASS_NAMES}

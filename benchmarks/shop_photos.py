@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import fashion_mnist_cnn as fm  # noqa: E402
-from fashion_shop import backbone, finetune  # noqa: E402
+from fashion_shop import backbone, folders  # noqa: E402
 
 MEASURE_PER_CLASS = 10
 
@@ -76,7 +76,7 @@ def predict_accuracy(model, folder, work):
     rows = work / "predictions.csv"
     seconds, _ = program("predict", model, folder, "--csv", rows)
     truth = {
-        str(path): fm.CLASS_NAMES[label] for path, label in finetune.find_labelled_photos(folder)
+        str(path): fm.CLASS_NAMES[label] for path, label in folders.find_labelled_photos(folder)
     }
     with open(rows, newline="", encoding="utf-8") as file:
         predicted = {row["path"]: row["class"] for row in csv.DictReader(file)}
@@ -94,7 +94,7 @@ def main():
     parser.add_argument("--per-class", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--backbone", default="mobilenet_v2", choices=sorted(backbone.BACKBONES))
     args = parser.parse_args()
-    photos = finetune.find_labelled_photos(args.photos)
+    photos = folders.find_labelled_photos(args.photos)
     results = {}  # (route, k) -> [(accuracy, seconds)]
 
     def record(route, k, accuracy, seconds):

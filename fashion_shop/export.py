@@ -2,11 +2,11 @@
 for TF Serving, a LiteRT file for phones (and a smaller one with int8 weights), an ONNX file
 for any runtime, each proven in its own runtime to answer as the model does."""
 
-import contextlib
+import errno
 import json
 import os
 import shutil
-import tempfile
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +16,20 @@ from fashion_mnist_cnn import (
     ArgumentParser,
     HelpFormatter,
     UserError,
+    first_sentence,
     load_fashion_mnist,
     start_tensorflow_quietly,
     tensorflow_notes_hidden,
 )
 from fashion_shop import runtimes
-from fashion_shop.finetune import find_labelled_photos, prepare_photos
+from fashion_shop.folders import find_labelled_photos, prepare_photos
 from fashion_shop.models import in_float32, kind_of, load_trained_model
 from fashion_shop.photos import COLOUR_SIZE, find_images
 
 FORMATS = ["savedmodel", "litert", "onnx"]
 WRITTEN_BY = "fashion_mnist_cnn.py export"  # model.json says so: a folder export may replace
 GENERATED_PHOTOS = 64  # the check batch of a colour model when no photos are given
+TIE = 1e-4  # probabilities this close are a tie that float rounding may break either way
 PREPARED = {
     "fashion-mnist": "fashion_shop/photos.py prepare_image: the item cut out of its background, "
     "its longest side 28 px, centred on 28x28, light on dark (Fashion-MNIST's view: a garment "
@@ -69,22 +71,32 @@ def parse_export_args(argv):
     )
     args = parser.parse_args(argv)
     args.formats = FORMATS if args.format == "all" else [args.format]
-    args.out_dir = args.out_dir or args.model.parent / "export"
+    # The folder itself, not a link to it, and never "." by its empty name.
+    args.out_dir = (args.out_dir or args.model.parent / "export").resolve()
     return args
 
 
+def contents(folder):
+    """Every file and folder under folder, as paths relative to it."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
 def refuse_other_files(out_dir):
-    """An existing --out-dir is replaced only if it holds an earlier export and nothing else."""
+    """An existing --out-dir is replaced only if it holds an earlier export and nothing else,
+    down to the last file (a version a person added beside TF Serving's 1/ stays theirs)."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise UserError(f"--out-dir {out_dir}: a file, not a folder")
-    inside = {path.name for path in out_dir.iterdir()}
+    inside = set(contents(out_dir))
     if not inside:
         return
     try:
         written = json.loads((out_dir / "model.json").read_text())
-        ours = written["written_by"] == WRITTEN_BY and inside <= {"model.json", *written["files"]}
+        ours = written["written_by"] == WRITTEN_BY and inside <= {
+            "model.json",
+            *written["contents"],
+        }
     except (OSError, ValueError, KeyError, TypeError):
         ours = False
     if not ours:
@@ -94,9 +106,9 @@ def refuse_other_files(out_dir):
         )
 
 
-def generated_photos(count, seed=0):
+def generated_photos(count):
     """Colour product shots of random items on random backgrounds, already COLOUR_SIZE square."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     y, x = np.mgrid[:COLOUR_SIZE, :COLOUR_SIZE]
     photos = np.empty((count, COLOUR_SIZE, COLOUR_SIZE, 3), np.uint8)
     for photo in photos:
@@ -109,11 +121,14 @@ def generated_photos(count, seed=0):
 
 
 def labelled(paths):
-    """(path, class) of the photos given, the classes from their folders where one folder of
-    class folders (finetune's layout) is given, else None."""
-    if len(paths) == 1 and paths[0].is_dir():
-        with contextlib.suppress(UserError):
-            return find_labelled_photos(paths[0])
+    """(path, class) of the photos given: the classes from their folders where one folder
+    holding only folders is given (finetune's layout, refused as finetune refuses it), else
+    None."""
+    folder = paths[0]
+    if len(paths) == 1 and folder.is_dir():
+        entries = [path for path in folder.iterdir() if not path.name.startswith(".")]
+        if entries and all(path.is_dir() for path in entries):
+            return find_labelled_photos(folder)
     return [(path, None) for path in find_images(paths)]
 
 
@@ -163,20 +178,44 @@ def size_of(path):
     return sum(file.stat().st_size for file in files if file.is_file())
 
 
-def prove(fmt, path, images, expected):
-    """The export's answers from its own runtime, refused unless every image gets the model's
-    top class; returns them and the largest probability difference."""
-    with tensorflow_notes_hidden():  # LiteRT's delegate and tf2onnx's notes
-        got = runtimes.answers(runtimes.RUNNERS[fmt](path), images)
+def unlike(got, expected):
+    """How many images get another top class from the export than from the model, not counting
+    near-ties (the model's two classes within TIE of each other), which rounding may flip."""
+    top, model_top = got.argmax(axis=1), expected.argmax(axis=1)
+    rows = np.arange(len(expected))
+    gap = expected[rows, model_top] - expected[rows, top]
+    return int(np.sum(gap > TIE))
+
+
+def written_and_run(model, fmt, quantized, folder, images):
+    """The model written in one format under folder, and its answers for the images from its
+    own runtime: (path, answers). A converter or runtime that fails is one line."""
+    try:
+        with tensorflow_notes_hidden(shown_on_failure=False):  # LiteRT's and tf2onnx's notes
+            path = write_format(model, fmt, folder, quantized)
+            return path, runtimes.answers(runtimes.RUNNERS[fmt](path), images)
+    except ImportError as error:
+        raise UserError(f"export needs {error.name}: pip install -r requirements.txt") from None
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"the {fmt} export failed ({error.strerror or error})") from None
+    except Exception as error:  # a layer a converter cannot convert, in a model of your own
+        raise UserError(f"the {fmt} export failed ({first_sentence(error)})") from None
+
+
+def prove(fmt, got, expected, count):
+    """The largest probability difference from the model's answers; refused unless every image
+    gets the model's top class."""
     difference = float(np.abs(got - expected).max())
-    unlike = int(np.sum(got.argmax(axis=1) != expected.argmax(axis=1)))
-    if unlike:
+    unlike_model = unlike(got, expected)
+    if unlike_model:
         raise UserError(
-            f"the {fmt} export answers another class than the model for {unlike:,} of "
-            f"{len(images):,} images (probabilities differ by up to {difference:.2g}): nothing "
-            "was written"
+            f"the {fmt} export answers another class than the model for {unlike_model:,} of "
+            f"{count:,} images (probabilities differ by up to {difference:.2g}): nothing was "
+            "written"
         )
-    return got, difference
+    return difference
 
 
 def describe(model, kind, files, checks):
@@ -205,17 +244,14 @@ def export(model, formats, images, expected, labels, folder):
     files, checks = {}, {}
     outputs = [(fmt, False) for fmt in formats] + [("litert", True)] * ("litert" in formats)
     for fmt, quantized in outputs:
-        with tensorflow_notes_hidden():
-            path = write_format(model, fmt, folder, quantized)
+        path, got = written_and_run(model, fmt, quantized, folder, images)
         name = path.relative_to(folder).parts[0]
         check = {"size_bytes": size_of(path)}
         if quantized:  # int8 weights answer a little differently: measured, not refused
-            with tensorflow_notes_hidden():
-                got = runtimes.answers(runtimes.RUNNERS["litert"](path), images)
             check["same_top_class"] = float(np.mean(got.argmax(1) == expected.argmax(1)))
             line = f"{check['same_top_class']:.1%} the same top class"
         else:
-            got, check["largest_difference"] = prove(fmt, path, images, expected)
+            check["largest_difference"] = prove(fmt, got, expected, len(images))
             line = f"same top class on all, largest difference {check['largest_difference']:.1g}"
         if labels is not None:
             check["accuracy"] = float(np.mean(got.argmax(1) == labels))
@@ -226,18 +262,35 @@ def export(model, formats, images, expected, labels, folder):
     return files, checks
 
 
-def beside(out_dir):
-    """A new folder beside --out-dir, under a name no one else uses, to write everything in
-    before it takes --out-dir's place."""
+def partial_folder(out_dir):
+    """A new folder beside --out-dir, named for this process, to write everything in before it
+    takes --out-dir's place."""
+    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)  # a dead process of the same number's
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        partial.mkdir(parents=True)
     except OSError as error:
         raise UserError(f"--out-dir {out_dir}: cannot write there ({error.strerror})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    partial.chmod(0o777 & ~umask)  # as a folder made by mkdir, not mkdtemp's private one
     return partial
+
+
+def put_in_place(partial, out_dir):
+    """partial becomes out_dir, an earlier export there replaced; a failure puts it back."""
+    refuse_other_files(out_dir)  # again: a person may have put a file there meanwhile
+    old = partial.with_name(partial.name.replace(".partial-", ".old-"))
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    try:
+        os.replace(partial, out_dir)
+    except BaseException:
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM, as Ctrl-C: the partial folder is removed on the way out
 
 
 def main(argv):
@@ -245,25 +298,30 @@ def main(argv):
     own runtime -> model.json -> all moved into --out-dir at once."""
     args = parse_export_args(argv)
     refuse_other_files(args.out_dir)
-    partial = beside(args.out_dir)
-    old = partial.with_name(partial.name.replace(".partial-", ".old-"))
+    keras = start_tensorflow_quietly()
+    model = load_trained_model(args.model)
+    kind = kind_of(model)
+    images, labels, what = check_batch(args, kind)
+    in_float32(model)  # exports compute in float32, whatever the model was trained in
+    expected = runtimes.answers(model.predict_on_batch, images)  # one photo: no mirror
+    model = named(keras, model)
+    print(f"Exporting {args.model} ({model.name}), checked on {what}:")
+    partial = partial_folder(args.out_dir)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        keras = start_tensorflow_quietly()
-        model = load_trained_model(args.model)
-        kind = kind_of(model)
-        images, labels, what = check_batch(args, kind)
-        in_float32(model)  # exports compute in float32, whatever the model was trained in
-        expected = runtimes.answers(model.predict_on_batch, images)  # one photo: no mirror
-        model = named(keras, model)
-        print(f"Exporting {args.model} ({model.name}), checked on {what}:")
         files, checks = export(model, args.formats, images, expected, labels, partial)
-        description = describe(model, kind, files, checks)
+        description = describe(model, kind, files, checks) | {"contents": contents(partial)}
         (partial / "model.json").write_text(json.dumps(description, indent=2) + "\n")
-        if args.out_dir.exists():  # an earlier export, and only that (refuse_other_files)
-            os.replace(args.out_dir, old)
-        os.replace(partial, args.out_dir)
+        put_in_place(partial, args.out_dir)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                "the disk is full: nothing was written; free some space and export again"
+            ) from None
+        reason = error.strerror or error
+        raise UserError(f"--out-dir {args.out_dir}: cannot write there ({reason})") from None
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     print(f"Saved {', '.join(files)} and model.json to {args.out_dir}/")
     return 0

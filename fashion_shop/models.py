@@ -1,7 +1,8 @@
 """What a model file is: which models predict takes, how each is shown a photo, its answers.
 
 What a model is, is declared once, by its name, which training and finetune write and the
-.keras file keeps (docs/model-files.md); model_kind() is the one place that reads it:
+.keras file keeps (docs/reference.md, "What a model file declares"); model_kind() is the
+one place that reads it:
 
     fashion_mnist_cnn, fashion_mnist_cnn_improved   a training run's: photos in Fashion-MNIST's
                                                     view (garments off their models, shoes level)

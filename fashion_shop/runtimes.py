@@ -19,11 +19,12 @@ def savedmodel_runner(path):
     return lambda images: serve(**{INPUT: tf.constant(images)})[OUTPUT].numpy()
 
 
-def litert_runner(path, threads=None):
-    """The .tflite file in LiteRT's interpreter (XNNPACK on the CPU), by its signature."""
+def litert_runner(path):
+    """The .tflite file in LiteRT's interpreter (XNNPACK on the CPU, on every core), by its
+    signature."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path), num_threads=threads or cpu_cores())
+    interpreter = Interpreter(model_path=str(path), num_threads=cpu_cores())
     runner = interpreter.get_signature_runner("serving_default")
     return lambda images: runner(**{INPUT: images})[OUTPUT]
 

@@ -26,6 +26,10 @@ USER_ENV = {
 }
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow in the test process
 
+import fashion_mnist_cnn as fm  # noqa: E402  (imports no TensorFlow)
+
+fm.choose_onednn(fm.cpu_info()[1])  # as main() does, before a test module imports TensorFlow
+
 
 def write_idx(path, array, gzipped=True):
     """Write an IDX file the way the official ones are written."""

@@ -227,3 +227,80 @@ def test_export_as_a_command_is_quiet(trained, data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # TensorFlow's, LiteRT's and tf2onnx's notes hidden
     assert "Saved fashion_mnist_cnn, fashion_mnist_cnn.tflite" in result.stdout
+
+
+def test_a_version_a_person_added_beside_the_export_is_never_removed(trained, data, tmp_path):
+    out = tmp_path / "export"
+    assert export_to(out, trained, "--data-dir", data, "--format", "savedmodel") == 0
+    added = out / "fashion_mnist_cnn" / "2" / "saved_model.pb"  # TF Serving's next version
+    added.parent.mkdir()
+    added.write_text("theirs")
+    result = run_program("export", trained, "--out-dir", out, "--data-dir", data)
+    assert_clean_failure(result, "holds files that export did not write")
+    assert added.read_text() == "theirs"
+    (out / "model.json").write_text("{damaged")
+    added.unlink()
+    result = run_program("export", trained, "--out-dir", out, "--data-dir", data)
+    assert_clean_failure(result, "holds files that export did not write")
+
+
+def test_an_out_dir_given_as_a_link_is_filled_through_it(trained, data, tmp_path):
+    target = tmp_path / "served"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert export_to(tmp_path / "link", trained, "--data-dir", data, "--format", "onnx") == 0
+    assert (tmp_path / "link").is_symlink() and (target / "fashion_mnist_cnn.onnx").is_file()
+    assert {p.name for p in tmp_path.iterdir()} == {"served", "link"}
+
+
+def missing_runtime(path):
+    raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
+
+
+def unconvertible(model, fmt, folder, quantized=False):
+    raise ValueError("Unsupported operation MyLayer. See the converter's documentation")
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (("RUNNERS", {"onnx": missing_runtime}), "export needs onnxruntime: pip install -r"),
+        (("write_format", unconvertible), "the onnx export failed (Unsupported operation MyLayer)"),
+    ],
+    ids=["a runtime missing", "a converter failing"],
+)
+def test_a_runtime_or_converter_that_fails_is_one_line(
+    trained, data, tmp_path, monkeypatch, capsys, patch, message
+):
+    name, value = patch
+    monkeypatch.setattr(runtimes if name == "RUNNERS" else export, name, value)
+    assert export_to(tmp_path / "export", trained, "--data-dir", data, "--format", "onnx") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_an_export_and_leaves_nothing(trained, data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    def terminated(model, fmt, folder, quantized=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return folder / "never"
+
+    monkeypatch.setattr(export, "write_format", terminated)
+    assert export_to(tmp_path / "export", trained, "--data-dir", data) == 130
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is not export.interrupt  # put back
+
+
+def test_given_photos_that_cannot_be_prepared_or_labelled_are_one_line(trained, tmp_path):
+    photos = photo_folder(tmp_path / "shop", per_class=1, classes=[3])
+    (photos / "Dress" / "bad.jpg").write_text("not a picture")
+    result = run_program("export", trained, "--photos", photos, "--out-dir", tmp_path / "x")
+    assert_clean_failure(result, "bad.jpg: not a PNG or JPEG image")
+    (photos / "Dress" / "bad.jpg").unlink()
+    (photos / "Hats").mkdir()  # a folder of class folders, one of them no class
+    result = run_program("export", trained, "--photos", photos, "--out-dir", tmp_path / "x")
+    assert_clean_failure(result, "Hats: names no class")
+    assert not (tmp_path / "x").exists()

@@ -18,36 +18,12 @@ from photo_helpers import colour_model, photo_folder, product_folder, worn_photo
 from PIL import Image
 
 import fashion_mnist_cnn as fm
-from fashion_shop import finetune
+from fashion_shop import finetune, folders
 from fashion_shop.models import Kind, declared_kind, load_trained_model, scale_pixels
 from fashion_shop.photos import PREPARATIONS, prepare_as_photographed, prepare_image
 from fashion_shop.predict import predict_images, top_three
 
 keras = fm.start_tensorflow_quietly()
-
-
-@pytest.mark.parametrize(
-    "name, expected",
-    [
-        ("T-shirt-top", "T-shirt/top"),
-        ("t_shirt_top", "T-shirt/top"),
-        ("tshirt top", "T-shirt/top"),
-        ("ankle boot", "Ankle boot"),
-        ("ANKLE_BOOT", "Ankle boot"),
-        ("Sneaker", "Sneaker"),
-        ("Sneakers", "Sneaker"),  # a catalogue's folders are plural as often as not
-        ("Dresses", "Dress"),
-        ("ankle boots", "Ankle boot"),
-        ("T-shirts", "T-shirt/top"),  # either half of T-shirt/top
-        ("Tops", "T-shirt/top"),
-        ("Shirts", "Shirt"),
-    ],
-)
-def test_class_folders_match_ignoring_case_spaces_punctuation_and_plurals(tmp_path, name, expected):
-    (tmp_path / name).mkdir()
-    write_photo(tmp_path / name / "a.jpg", distinct_images(np.array([0]))[0])
-    [(_, label)] = finetune.find_labelled_photos(tmp_path)
-    assert fm.CLASS_NAMES[label] == expected
 
 
 def trained_model_path(tmp_path_factory, arch):
@@ -128,7 +104,7 @@ def test_before_is_measured_on_the_photos_as_predict_shows_them(model_path, tmp_
     (photos / "T-shirt-top").mkdir()
     for i in range(5):
         worn_photo(photos / "T-shirt-top" / f"{i}.png")
-    paths, labels = zip(*finetune.find_labelled_photos(photos))
+    paths, labels = zip(*folders.find_labelled_photos(photos))
     held_out = [paths[i] for i in finetune.hold_out_photos(np.array(labels), 0.4, seed=42)[1]]
     worn = [path for path in held_out if path.parent.name == "T-shirt-top"]
     assert len(worn) == 2 and (prepare_image(worn[0]) != prepare_as_photographed(worn[0])).any()

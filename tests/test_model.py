@@ -417,3 +417,15 @@ def test_default_model_starts_from_the_same_weights_as_the_plain_recipe():
     assert len(ours.weights) == len(plain.weights) == 10
     for a, b in zip(ours.weights, plain.weights):
         assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_per_class_accuracy_lists_every_class_for_training_and_the_present_ones_for_photos():
+    true = np.array([0, 0, 1, 1, 1])
+    confusion = fm.confusion_matrix(true, np.array([0, 1, 1, 1, 0]))
+    every = fm.per_class_accuracy(confusion)
+    assert list(every) == fm.CLASS_NAMES and every["T-shirt/top"] == 0.5
+    assert every["Trouser"] == 0.6667 and every["Bag"] == 0.0  # no Bag among the images
+    assert fm.per_class_accuracy(confusion, only_present=True) == {
+        "T-shirt/top": 0.5,
+        "Trouser": 0.6667,
+    }

@@ -1,0 +1,65 @@
+"""Class folders: a shop's photos in one folder per class, as finetune reads them; and photos
+prepared here, in the main process, a bad one reported in one line."""
+
+import numpy as np
+
+from fashion_mnist_cnn import CLASS_NAMES, UserError
+from fashion_shop.photos import IMAGE_SUFFIXES, PREPARATIONS, PhotoError
+
+
+def class_key(name):
+    """A class or folder name without case, spaces or punctuation: "T-shirt/top" -> "tshirttop"."""
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def folder_names(name):
+    """The folder names, as keys, that mean a class: its name, plural too ("Sneakers", "Ankle
+    boots", "Dresses"), and for T-shirt/top either half ("T-shirts", "Tops")."""
+    keys = {class_key(part) for part in (name, *name.split("/"))}
+    return {word for key in keys for word in (key, key + ("es" if key.endswith("s") else "s"))}
+
+
+def find_labelled_photos(folder):
+    """(path, class index) of every photo in FOLDER's class subfolders, sorted; anything that
+    could mislabel or silently drop a photo is refused with one line."""
+    if not folder.is_dir():
+        problem = "not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"{folder}: {problem}")
+    classes = {word: index for index, name in enumerate(CLASS_NAMES) for word in folder_names(name)}
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    loose = [p for p in entries if p.is_file()]
+    if loose:
+        raise UserError(f"{loose[0]}: a file outside the class subfolders has no label")
+    if not entries:
+        raise UserError(
+            f"{folder}: no class subfolders; put each class's photos in a subfolder named after "
+            f"it, e.g. {folder / 'sneaker'}"
+        )
+    photos = []
+    for subfolder in entries:
+        if class_key(subfolder.name) not in classes:
+            raise UserError(
+                f"{subfolder}: names no class; the class folders are (case, spaces, "
+                f"punctuation and plurals ignored): {', '.join(CLASS_NAMES)}"
+            )
+        files = sorted(
+            p for p in subfolder.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+        others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if others:
+            raise UserError(
+                f"{others[0]}: not a PNG or JPEG; fine-tuning refuses it rather than skip it "
+                "(move it out of the class folders)"
+            )
+        if not files:
+            raise UserError(f"{subfolder}: no PNG or JPEG photos in this class folder")
+        photos += [(path, classes[class_key(subfolder.name)]) for path in files]
+    return photos
+
+
+def prepare_photos(paths, photos):
+    """The photos prepared as `photos` names (a key of PREPARATIONS): a bad one stops us here."""
+    try:
+        return np.stack([PREPARATIONS[photos](path) for path in paths])
+    except PhotoError as error:
+        raise UserError(str(error)) from None
