@@ -71,8 +71,9 @@ def parse_export_args(argv):
     )
     args = parser.parse_args(argv)
     args.formats = FORMATS if args.format == "all" else [args.format]
+    args.shown_out_dir = args.out_dir or args.model.parent / "export"  # as the user gave it
     # The folder itself, not a link to it, and never "." by its empty name.
-    args.out_dir = (args.out_dir or args.model.parent / "export").resolve()
+    args.out_dir = args.shown_out_dir.resolve()
     return args
 
 
@@ -323,5 +324,5 @@ def main(argv):
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(partial, ignore_errors=True)
-    print(f"Saved {', '.join(files)} and model.json to {args.out_dir}/")
+    print(f"Saved {', '.join(files)} and model.json to {args.shown_out_dir}/")
     return 0
