@@ -4,6 +4,9 @@
     models.py     what a model file is: which kind, how it is loaded, how it answers
     catalogue.py  a catalogue's CSV, continued after a stop, and the progress shown meanwhile
     predict.py    the predict command: photos prepared on every core, classified in batches
+    sorting.py    predict --sort-into: photos put in class folders, unsure ones marked
+    review_page.py  the sorted catalogue's page: thumbnails, least sure first, and a figure
+    folders.py    class folders as finetune reads them, and photos prepared in one process
     finetune.py   the finetune command: a model adapted to a shop's labelled photos
     backbone.py   finetune --backbone: an ImageNet network and a new last layer
     export.py     the export command: SavedModel, LiteRT and ONNX files, each proven

@@ -7,9 +7,10 @@ import io
 import sys
 import time
 
-from fashion_mnist_cnn import CLASS_NAMES, UserError
+from fashion_mnist_cnn import CLASS_NAMES, UserError, atomic_path
 
 CSV_HEADER = ["path", "class", "probability", "top3", "error"]
+SORTED_HEADER = [*CSV_HEADER, "sorted_as"]  # with --sort-into: where the photo went, in DIR
 # A file name that is not UTF-8 (copied from an old system) goes into the CSV as its own bytes,
 # as `ls` shows it, and --resume reads it back to the same path.
 FILE_NAME_BYTES = "surrogateescape"
@@ -18,23 +19,33 @@ PROGRESS_EVERY = 10  # seconds between progress lines when stderr is not a termi
 
 def csv_row(result):
     top = result.get("top3", [])
+    sorted_as = [result["sorted_as"]] if "sorted_as" in result else []
     return [
         result["image"],
         top[0]["class"] if top else "",
         f"{top[0]['probability']:.4f}" if top else "",
         "; ".join(f"{c['class']} {c['probability']:.1%}" for c in top),
         result.get("error", ""),
+        *sorted_as,
     ]
 
 
-def read_rows_done(path, paths):
+def read_rows_done(path, paths, sorted_into=None):
     """The rows that an interrupted run left in the CSV at path, checked against the photos to
-    classify now; (rows, bytes that hold them whole). A row cut off by the stop is left out."""
+    classify now; (rows, bytes that hold them whole). A row cut off by the stop is left out.
+    The CSV of a --sort-into folder also keeps the rows of earlier runs' photos."""
 
     def refuse(reason):
+        if sorted_into:
+            raise UserError(
+                f"--sort-into {sorted_into}: {path} {reason}; sort into another folder, or give "
+                "another --csv"
+            )
         raise UserError(
             f"--resume: {path} {reason}; give another --csv, or leave out --resume to replace it"
         )
+
+    header = SORTED_HEADER if sorted_into else CSV_HEADER
 
     if not path.exists():
         return [], 0  # stopped before its first row: nothing to skip
@@ -50,21 +61,31 @@ def read_rows_done(path, paths):
         rows = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as error:
         refuse(f"is damaged ({error})")
-    if rows[:1] != [CSV_HEADER]:
-        refuse("was not written by predict (its first line is not " + ",".join(CSV_HEADER) + ")")
+    if rows[:1] != [header]:
+        refuse("was not written by predict (its first line is not " + ",".join(header) + ")")
     rows, wanted, seen = rows[1:], {str(p) for p in paths}, set()
     for number, row in enumerate(rows, start=2):
-        whole = len(row) == len(CSV_HEADER) and (
+        whole = len(row) == len(header) and (
             (row[1] in CLASS_NAMES and not row[4]) or (row[1] == "" and row[4])
         )  # a class, or an error
         if not whole:
             refuse(f"is damaged at line {number}")
-        if row[0] not in wanted:
+        if row[0] not in wanted and not sorted_into:
             refuse(f"lists {row[0]}, which is not among the photos given: it is another run's")
         if row[0] in seen:
             refuse(f"lists {row[0]} twice")
         seen.add(row[0])
     return rows, rows_end
+
+
+def rewrite(path, header, rows):
+    """The CSV at path replaced, whole, by these rows; returns its size in bytes."""
+    with (
+        atomic_path(path) as partial,
+        partial.open("w", newline="", encoding="utf-8", errors=FILE_NAME_BYTES) as file,
+    ):
+        csv.writer(file).writerows([header, *rows])
+    return path.stat().st_size
 
 
 def refuse_to_replace_other_files(path):
@@ -86,7 +107,7 @@ def refuse_to_replace_other_files(path):
 
 
 @contextlib.contextmanager
-def predictions_csv(path, resume_from=None):
+def predictions_csv(path, resume_from=None, header=CSV_HEADER):
     """A function that writes rows to the CSV at path and flushes them. resume_from: bytes of
     an interrupted run's rows to keep (a row cut off after them is dropped); else the file is
     replaced."""
@@ -113,7 +134,7 @@ def predictions_csv(path, resume_from=None):
 
     try:
         if not resume_from:
-            write_rows([CSV_HEADER])
+            write_rows([header])
         yield write_rows
     finally:
         with contextlib.suppress(OSError):  # what could not be written has been reported

@@ -31,7 +31,9 @@ from fashion_mnist_cnn import (
     train_run,
     use_windows,
 )
+from fashion_shop import sorting
 from fashion_shop.backbone import BACKBONES, build_transfer_model, feature_batches, photo_features
+from fashion_shop.catalogue import read_rows_done
 from fashion_shop.folders import find_labelled_photos, prepare_photos
 from fashion_shop.models import TUNED_NAME, class_probabilities, kind_of, load_trained_model
 from fashion_shop.predict import PREDICT_BATCH
@@ -134,6 +136,12 @@ def accuracy_report(result):
     return result and {key: result[key] for key in ("accuracy", "per_class")}
 
 
+def corrected_photos(folder):
+    """How many photos of a catalogue sorted by predict a person moved to another class."""
+    rows, _ = read_rows_done(folder / sorting.CSV_NAME, [], sorted_into=folder)
+    return sorting.corrections(rows, sorting.scan(folder))
+
+
 def photo_batches(images, labels, seed, epoch):
     """An epoch of the photos in an order drawn from (seed, epoch), each mirrored at random:
     shops show shoes pointing either way, Fashion-MNIST only left."""
@@ -144,7 +152,8 @@ def main(argv):
     """photos -> hold-out -> model (yours, or an ImageNet network with a new last layer) ->
     accuracy before -> fine-tune -> accuracy after -> save."""
     args = parse_finetune_args(argv)
-    photos = find_labelled_photos(args.folder)
+    catalogue_folder = sorting.is_sorted_catalogue(args.folder)  # predict --sort-into's
+    photos = find_labelled_photos(args.folder, sorted_catalogue=catalogue_folder)
     tuned_photos = "colour" if args.backbone else "as photographed"
     images = prepare_photos([path for path, _ in photos], tuned_photos)
     labels = np.array([label for _, label in photos])
@@ -170,6 +179,12 @@ def main(argv):
     run = open_run(args, "finetune", options, suffix="-finetune")
     use_windows(False)  # the confusion matrix is saved, never shown
     what = f"a new last layer on {args.backbone} (ImageNet)" if args.backbone else "the model"
+    if catalogue_folder:
+        corrected = corrected_photos(args.folder)
+        print(
+            f"A sorted catalogue: {corrected:,} of {len(photos):,} photos corrected by a person "
+            "(their folder is not predict's answer)"
+        )
     print(
         f"Fine-tuning {what} on {len(tune)} photos, measuring on {len(held_out)} held out, "
         f"{len(np.unique(labels))} classes"
@@ -208,6 +223,8 @@ def main(argv):
         "photos_tuned_on": len(tune),
         "photos_held_out": len(held_out),
     }
+    if catalogue_folder:
+        results["corrected_by_a_person"] = corrected
     details = {"config": vars(args) | {"keras": keras.__version__}}
     figure = ", history.csv and confusion_matrix.png" if after else " and history.csv"
     saved = f"model.keras, metrics.json{figure}"

@@ -1,5 +1,5 @@
-"""Class folders: a shop's photos in one folder per class, as finetune reads them; and photos
-prepared here, in the main process, a bad one reported in one line."""
+"""Class folders: a shop's photos in one folder per class, as finetune reads them and predict
+--sort-into fills them; and photos prepared in the main process, a bad one in one line."""
 
 import numpy as np
 
@@ -19,14 +19,23 @@ def folder_names(name):
     return {word for key in keys for word in (key, key + ("es" if key.endswith("s") else "s"))}
 
 
-def find_labelled_photos(folder):
+# What predict --sort-into writes beside the class folders it fills.
+CSV_NAME, PAGE_NAME = "predictions.csv", "index.html"
+CATALOGUE_FILES = {CSV_NAME, PAGE_NAME}
+
+
+def find_labelled_photos(folder, sorted_catalogue=False):
     """(path, class index) of every photo in FOLDER's class subfolders, sorted; anything that
-    could mislabel or silently drop a photo is refused with one line."""
+    could mislabel or silently drop a photo is refused with one line. A catalogue sorted by
+    predict may hold its CSV and page too, and class folders a person emptied."""
+    own_files = CATALOGUE_FILES if sorted_catalogue else set()
     if not folder.is_dir():
         problem = "not a folder" if folder.exists() else "no such folder"
         raise UserError(f"{folder}: {problem}")
     classes = {word: index for index, name in enumerate(CLASS_NAMES) for word in folder_names(name)}
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    entries = sorted(
+        p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in own_files
+    )
     loose = [p for p in entries if p.is_file()]
     if loose:
         raise UserError(f"{loose[0]}: a file outside the class subfolders has no label")
@@ -51,7 +60,7 @@ def find_labelled_photos(folder):
                 f"{others[0]}: not a PNG or JPEG; fine-tuning refuses it rather than skip it "
                 "(move it out of the class folders)"
             )
-        if not files:
+        if not files and not sorted_catalogue:
             raise UserError(f"{subfolder}: no PNG or JPEG photos in this class folder")
         photos += [(path, classes[class_key(subfolder.name)]) for path in files]
     return photos

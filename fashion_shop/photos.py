@@ -5,7 +5,9 @@ photos import only this module. How each step was chosen: benchmarks/README.md.
 """
 
 import functools
+import hashlib
 import math
+import os
 import signal
 import warnings
 
@@ -14,6 +16,8 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 COLOUR_SIZE = 224  # the colour photos' side: the input the ImageNet weights were made for
+DECODED = 224  # every preparation starts from the photo decoded to fit in this square
+THUMBNAIL = 160  # the review page's thumbnails fit in this square
 ITEM_LEVEL = 13  # an item pixel stands out by 5% of full intensity, as Fashion-MNIST's were cut
 SHOE_MEDIAN = 160  # the least median brightness of a prepared shoe or bag
 
@@ -237,12 +241,15 @@ def taller_end_right(image):
 # The three preparations, one for each kind of model (fashion_shop/models.py says which)
 
 
-def prepare_image(path, fashion_mnist_view=True):
+def prepare_image(path, fashion_mnist_view=True, picture=None):
     """A product photo -> uint8 28x28 as Fashion-MNIST's images were made from Zalando's: the
     item trimmed from its background (whatever its colour), its longest edge resized to 28,
     sharpened, stretched to 0-255, centred, light on dark. With fashion_mnist_view, it is first
-    shown as Fashion-MNIST shows items: a worn garment off its model, a shoe or bag level."""
-    picture = open_picture(path, fit=224)  # BOX shrinking averages away sensor noise, too
+    shown as Fashion-MNIST shows items: a worn garment off its model, a shoe or bag level.
+    picture: the photo as open_picture(path, DECODED) gives it, if it was decoded already."""
+    # BOX shrinking averages away sensor noise, too.
+    if picture is None:
+        picture = open_picture(path, fit=DECODED)
     item = standing_out(path, np.asarray(picture, np.float32))
     box = median_box(item > ITEM_LEVEL)  # trimmed as Fashion-MNIST's items were
     face = find_face(picture, box) if box and fashion_mnist_view else None
@@ -273,16 +280,17 @@ def prepare_image(path, fashion_mnist_view=True):
     return taller_end_right(np.asarray(ImageOps.pad(grey, (28, 28), color=0)))
 
 
-def prepare_as_photographed(path):
+def prepare_as_photographed(path, picture=None):
     """prepare_image with garments left on their models and shoes as they were shot: what a
     model tuned on a shop's own photos learned from (bare arms tell a T-shirt from a pullover)."""
-    return prepare_image(path, fashion_mnist_view=False)
+    return prepare_image(path, fashion_mnist_view=False, picture=picture)
 
 
-def prepare_colour(path):
+def prepare_colour(path, picture=None):
     """A product photo -> uint8 224x224x3 for a --backbone model: the whole photo in colour, as
     ImageNet's photos are seen, longest side 224, made square with its own background colour."""
-    picture = open_picture(path, fit=COLOUR_SIZE)
+    if picture is None:
+        picture = open_picture(path, fit=COLOUR_SIZE)
     background = tuple(int(v) for v in refuse_blank(path, picture))
     size = (COLOUR_SIZE, COLOUR_SIZE)
     return np.asarray(ImageOps.pad(picture, size, Image.Resampling.BILINEAR, color=background))
@@ -299,12 +307,30 @@ PREPARATIONS = {
 # In the preparing processes
 
 
-def prepare_chunk(paths, photos):
-    """(image, None) or (None, the reason) for each path, prepared as `photos` names."""
+def thumbnail_name(path):
+    """The review page's thumbnail of a photo: a name from its path, the same in every run."""
+    return hashlib.sha1(str(path).encode(errors="surrogateescape")).hexdigest()[:20] + ".jpg"
+
+
+def save_thumbnail(picture, path):
+    """A small JPEG of the decoded photo, written whole or not at all."""
+    small = picture.copy()
+    small.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
+    partial = path.with_name(f".{path.name}.partial")
+    small.save(partial, "JPEG", quality=80)
+    os.replace(partial, path)
+
+
+def prepare_chunk(paths, photos, thumbnails=None):
+    """(image, None) or (None, the reason) for each path, prepared as `photos` names; with
+    thumbnails, a folder, each photo's thumbnail written there from the same decoded picture."""
     prepared = []
     for path in paths:
         try:
-            prepared.append((PREPARATIONS[photos](path), None))
+            picture = open_picture(path, fit=DECODED)
+            prepared.append((PREPARATIONS[photos](path, picture=picture), None))
+            if thumbnails:
+                save_thumbnail(picture, thumbnails / thumbnail_name(path))
         except PhotoError as error:
             prepared.append((None, str(error)))
     return prepared

@@ -23,10 +23,11 @@ from fashion_mnist_cnn import (
     ArgumentParser,
     UserError,
     cpu_cores,
+    share_of_one,
     start_tensorflow_quietly,
     stop_gracefully,
 )
-from fashion_shop import catalogue, photos
+from fashion_shop import catalogue, photos, review_page, sorting
 from fashion_shop.models import (
     Kind,
     class_probabilities,
@@ -73,17 +74,47 @@ def parse_predict_args(argv):
         action="store_true",
         help="continue the --csv FILE of a stopped run: images already in it are skipped",
     )
+    sort = parser.add_argument_group("sorting a catalogue into class folders")
+    sort.add_argument(
+        "--sort-into",
+        type=Path,
+        metavar="DIR",
+        help="put every photo into DIR/<class>/ (a hard link where the disk allows), into "
+        f"DIR/<class>/{sorting.UNSURE}/ where the model is unsure, with DIR/{sorting.CSV_NAME} "
+        f"(unless --csv) and a review page, DIR/{sorting.PAGE_NAME}; run again to add photos or "
+        "refresh the page after moving photos to correct them (photos sorted already are "
+        "skipped, and what a person moved or put there is never touched)",
+    )
+    sort.add_argument(
+        "--unsure",
+        type=share_of_one(),
+        metavar="P",
+        help=f"with --sort-into: mark photos whose top probability is under P (default: "
+        f"{sorting.UNSURE_BELOW}: about a fifth of real shop photos, three fifths of the "
+        "mistakes)",
+    )
+    sort.add_argument(
+        "--reclassify",
+        action="store_true",
+        help="with --sort-into: classify the photos sorted already again, moving those still "
+        "where predict put them (never those a person moved)",
+    )
     args = parser.parse_args(argv)
-    if args.resume and not args.csv:
+    if args.resume and not (args.csv or args.sort_into):
         parser.error("--resume continues a --csv FILE: give the FILE")
+    if (args.unsure is not None or args.reclassify) and not args.sort_into:
+        parser.error("--unsure and --reclassify sort into a folder: give --sort-into DIR")
+    if args.unsure is None:
+        args.unsure = sorting.UNSURE_BELOW
     return args
 
 
 @contextlib.contextmanager
-def preparing(paths, kind):
+def preparing(paths, kind, thumbnails=None):
     """Start preparing the photos for a model of that kind on every core now (before TensorFlow
     loads, so the two overlap); gives a generator of (path, image, error) in the order given.
-    Processes, not threads: TensorFlow's import holds the GIL meanwhile."""
+    With thumbnails, a folder, each photo's thumbnail is written there too. Processes, not
+    threads: TensorFlow's import holds the GIL meanwhile."""
     chunks = (paths[i : i + PREPARE_CHUNK] for i in range(0, len(paths), PREPARE_CHUNK))
     # forkserver: workers forked from a clean process, never from one running TensorFlow, with
     # the preparation already imported.
@@ -98,7 +129,8 @@ def preparing(paths, kind):
 
     def submit_next():
         for chunk in itertools.islice(chunks, 1):
-            pending.append((chunk, pool.submit(photos.prepare_chunk, chunk, kind.photos)))
+            task = pool.submit(photos.prepare_chunk, chunk, kind.photos, thumbnails)
+            pending.append((chunk, task))
 
     def in_order():
         try:
@@ -159,18 +191,22 @@ def print_result(result, each_line):
     return 0
 
 
-def classify_catalogue(model, prepared, args, rows_bytes, each_line, progress):
+def classify_catalogue(model, prepared, args, rows_bytes, each_line, progress, sorter=None):
     """Classify the prepared photos a batch at a time, writing each batch's rows to --csv and
     printing its lines as it is done, until the last batch or a stop signal (which lets the
-    batch under way finish). Returns the results (kept for --json only), the photos done, how
-    many of them could not be read, and the signal that stopped it, if any."""
+    batch under way finish); with a sorter, each photo is put in its class folder before its
+    row is written. Returns the results (kept for --json only), the photos done, how many of
+    them could not be read, and the signal that stopped it, if any."""
     results, done, errors = [], 0, 0
-    write = (
-        catalogue.predictions_csv(args.csv, rows_bytes) if args.csv else contextlib.nullcontext()
-    )
+    header = catalogue.SORTED_HEADER if sorter else catalogue.CSV_HEADER
+    write = contextlib.nullcontext()
+    if args.csv:
+        write = catalogue.predictions_csv(args.csv, rows_bytes, header)
     stopping = stop_gracefully(then="finishing this batch, then stopping", file=sys.stderr)
     with write as write_rows, stopping as state:
         for batch in classify_batches(model, prepared):
+            for result in batch if sorter else []:
+                result["sorted_as"] = sorter.place(result)
             if write_rows:
                 write_rows(catalogue.csv_row(result) for result in batch)
             errors += sum(print_result(result, each_line) for result in batch)
@@ -183,31 +219,62 @@ def classify_catalogue(model, prepared, args, rows_bytes, each_line, progress):
     return results, done, errors, state["signal"]
 
 
+def rows_before(args, paths):
+    """The CSV's rows already done and the bytes that hold them: a stopped run's with --resume,
+    a --sort-into folder's always (less those to classify again with --reclassify), and which
+    sorted photos are classified again, with where an earlier run put them."""
+    if not args.sort_into:
+        if args.csv and not args.resume:
+            catalogue.refuse_to_replace_other_files(args.csv)
+        return (*catalogue.read_rows_done(args.csv, paths), {}) if args.resume else ([], 0, {})
+    sorting.open_folder(args.sort_into)
+    args.csv = args.csv or args.sort_into / sorting.CSV_NAME
+    rows, rows_bytes = catalogue.read_rows_done(args.csv, paths, sorted_into=args.sort_into)
+    if not args.reclassify:
+        return rows, rows_bytes, {}
+    given = {str(path) for path in paths}
+    again = {row[0]: row[5] for row in rows if row[0] in given}
+    rows = [row for row in rows if row[0] not in given]
+    return rows, catalogue.rewrite(args.csv, catalogue.SORTED_HEADER, rows), again
+
+
+def finish_sorting(folder, csv_path, unsure_below):
+    """The review page written from the whole CSV and the class folders as they are now."""
+    rows, _ = catalogue.read_rows_done(csv_path, [], sorted_into=folder)
+    now = sorting.scan(folder)
+    review_page.write_page(folder, rows, now, unsure_below)
+    to_check = sum(sorting.UNSURE in rel.parts[1:-1] for _, rel in now.values())
+    print(
+        f"Sorted into {folder}/: {len(now):,} photos, {to_check:,} to check (in the "
+        f"{sorting.UNSURE} folders); review page {folder / sorting.PAGE_NAME}"
+    )
+
+
 def main(argv):
     """photos -> prepared on every core while TensorFlow loads -> classified a batch at a time
-    -> rows written and progress shown as they are done -> a summary."""
+    -> rows written (and photos sorted) and progress shown as they are done -> a summary."""
     args = parse_predict_args(argv)
     start = time.perf_counter()
     paths = photos.find_images(args.paths)
-    if args.csv and not args.resume:
-        catalogue.refuse_to_replace_other_files(args.csv)
-    rows, rows_bytes = catalogue.read_rows_done(args.csv, paths) if args.resume else ([], 0)
+    rows, rows_bytes, again = rows_before(args, paths)
     done_before = {row[0] for row in rows}
     todo = [path for path in paths if str(path) not in done_before]
     each_line = not (args.json or args.csv)  # a line per photo on stdout, as without a CSV
     on_terminal = sys.stderr.isatty()
     quiet = each_line and on_terminal and sys.stdout.isatty()  # the lines show the progress
     declared = declared_kind(args.model) or Kind("fashion-mnist", mirrored=False)
-    with preparing(todo, declared) as prepared:
+    thumbnails = args.sort_into / sorting.THUMBNAILS if args.sort_into else None
+    with preparing(todo, declared, thumbnails) as prepared:
         start_tensorflow_quietly()
         model = load_trained_model(args.model)
         if kind_of(model).photos != declared.photos:
             raise UserError(f"{args.model}: its config and its model disagree on the input")
+        sorter = sorting.Sorter(args.sort_into, args.unsure, again) if args.sort_into else None
         progress = None
         if todo and not quiet:
             progress = catalogue.show_progress(len(todo), on_terminal, start)
         results, done, errors, stop_signal = classify_catalogue(
-            model, prepared, args, rows_bytes, each_line, progress
+            model, prepared, args, rows_bytes, each_line, progress, sorter
         )
     seconds = time.perf_counter() - start
     if args.json:
@@ -219,10 +286,15 @@ def main(argv):
             f"({catalogue.per_second(done, seconds)}), {errors:,} could not be read; "
             f"rows in {args.csv}{before}"
         )
+    if args.sort_into:
+        finish_sorting(args.sort_into, args.csv, args.unsure)
     if stop_signal:
         line = f"Stopped after {done:,} of {len(todo):,} photos"
-        if args.csv:
+        if args.sort_into:
+            line += ": the photos so far are sorted; the same command sorts the rest"
+        elif args.csv:
             line += f": rows so far are in {args.csv}; add --resume to classify the rest"
         print(f"{line}.", file=sys.stderr)
         return 128 + stop_signal
-    return 1 if errors or any(row[4] for row in rows) else 0
+    given = {str(path) for path in paths}
+    return 1 if errors or any(row[4] for row in rows if row[0] in given) else 0

@@ -1,0 +1,184 @@
+"""DIR/index.html, the review page of a sorted catalogue: one static file that opens from the
+disk (nothing from a server or the internet), with each class's photos as thumbnails, least
+sure first, the ones to check marked, and how right the catalogue is for the share checked."""
+
+import html
+import os
+import urllib.parse
+from pathlib import Path
+
+from fashion_mnist_cnn import CLASS_NAMES, atomic_path
+from fashion_shop.photos import thumbnail_name
+from fashion_shop.sorting import PAGE_NAME, THUMBNAILS, UNSURE
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; } td, th { padding: 2px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.photos { display: flex; flex-wrap: wrap; gap: 8px; }
+figure { margin: 0; width: 132px; border: 3px solid #ddd; border-radius: 4px; padding: 3px; }
+figure img { width: 126px; height: 126px; object-fit: contain; background: #f4f4f4; }
+figcaption { font-size: 11px; overflow-wrap: anywhere; }
+figure.unsure { border-color: #e8590c; background: #fff4e6; }
+figure.corrected { border-color: #2f9e44; }
+.mark { font-weight: bold; color: #e8590c; }
+"""
+# Each thumbnail says whether it loaded, so that a browser (and the tests) can tell.
+SCRIPT = """
+for (const img of document.querySelectorAll("img")) {
+  const mark = () => { img.dataset.loaded = img.naturalWidth > 0 ? "yes" : "no"; };
+  if (img.complete) mark();
+  else { img.addEventListener("load", mark); img.addEventListener("error", mark); }
+}
+"""
+
+
+def shown(path):
+    """A path as a person reads it (a name that is not UTF-8 with its odd bytes replaced)."""
+    return html.escape(str(path).encode(errors="surrogateescape").decode(errors="replace"))
+
+
+def link(path):
+    """A relative URL to path that works from the disk, whatever bytes its name holds."""
+    return html.escape(urllib.parse.quote(os.fsencode(Path(path).as_posix())))
+
+
+def entries(folder, rows, now):
+    """Each photo in the class folders now, with what predict answered for it (None for a
+    photo a person put there): (class index, path, row), least sure first in each class."""
+    answers = {Path(row[5]).name: row for row in rows if row[5]}
+    found = [(label, rel, answers.get(name)) for name, (label, rel) in now.items()]
+    return sorted(found, key=lambda e: (e[0], float(e[2][2]) if e[2] else 2.0, str(e[1])))
+
+
+def curve_points(probabilities, right):
+    """(share checked, share right) from 0 to all checked, least sure first: a checked photo
+    counts as right (the person put it right)."""
+    order = sorted(range(len(probabilities)), key=lambda i: probabilities[i])
+    n, points = len(order), []
+    for step in range(51):
+        k = round(step / 50 * n)
+        unchecked = sum(right[i] for i in order[k:])
+        points.append((k / n, (k + unchecked) / n))
+    return points
+
+
+def figure(photos):
+    """An SVG of the share of the catalogue right against the share checked, least sure first:
+    expected from the model's own probabilities, and from the corrections where there are."""
+    answered = [(float(row[2]), row[1], CLASS_NAMES[label]) for label, _, row in photos if row]
+    if not answered:
+        return ""
+    probabilities = [p for p, _, _ in answered]
+    lines = [
+        (
+            "expected from the model's own probabilities",
+            "#1971c2",
+            curve_points(probabilities, probabilities),
+        )
+    ]
+    corrected = [answer == now for _, answer, now in answered]
+    if not all(corrected):
+        lines.append(
+            ("from the corrections so far", "#2f9e44", curve_points(probabilities, corrected))
+        )
+    low = min(y for _, _, points in lines for _, y in points)
+    low = max(0.0, min(low, 0.9) - 0.02)
+
+    def xy(point):
+        return f"{50 + point[0] * 400:.1f},{210 - (point[1] - low) / (1 - low) * 190:.1f}"
+
+    parts = [
+        '<svg id="figure" width="800" height="250" role="img" '
+        'aria-label="share of the catalogue right against the share checked">',
+        '<rect x="50" y="20" width="400" height="190" fill="none" stroke="#999"/>',
+    ]
+    for share in (0, 0.25, 0.5, 0.75, 1):
+        x = 50 + share * 400
+        parts.append(
+            f'<text x="{x:.0f}" y="228" font-size="11" text-anchor="middle">{share:.0%}</text>'
+        )
+    for value in (low, (low + 1) / 2, 1):
+        y = 210 - (value - low) / (1 - low) * 190
+        parts.append(
+            f'<text x="44" y="{y + 4:.0f}" font-size="11" text-anchor="end">{value:.0%}</text>'
+        )
+    parts.append(
+        '<text x="250" y="246" font-size="12" text-anchor="middle">photos checked, '
+        "least sure first</text>"
+    )
+    for n, (label, colour, points) in enumerate(lines):
+        path = " ".join(xy(point) for point in points)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        parts.append(
+            f'<text x="460" y="{40 + 18 * n}" font-size="12" fill="{colour}">right, {label}</text>'
+        )
+    return "\n".join(parts) + "\n</svg>"
+
+
+def photo_html(folder, label, rel, row):
+    """One photo, in the folder of class `label` now: its thumbnail (or the photo itself), name,
+    predict's class and probability, and the runner-up."""
+    thumbnail = Path(THUMBNAILS, thumbnail_name(row[0])) if row else None
+    source = thumbnail if thumbnail and (folder / thumbnail).is_file() else rel
+    unsure = UNSURE in Path(rel).parts[1:-1]
+    corrected = row is not None and row[1] != CLASS_NAMES[label]
+    if row is None:
+        caption, probability = "put here by a person", ""
+    else:
+        top = row[3].split("; ")
+        runner_up = f"<br>then {html.escape(top[1])}" if len(top) > 1 else ""
+        said = "corrected from " if corrected else ""
+        caption = f"{said}{html.escape(row[1])} {float(row[2]):.0%}{runner_up}"
+        probability = f' data-probability="{row[2]}"'
+    kinds = " ".join(["photo", *["unsure"] * unsure, *["corrected"] * corrected])
+    mark = '<span class="mark">check</span> ' if unsure else ""
+    return (
+        f'<figure class="{kinds}"{probability}><a href="{link(rel)}">'
+        f'<img loading="lazy" src="{link(source)}" alt="{shown(Path(rel).name)}"></a>'
+        f"<figcaption>{mark}{shown(Path(rel).name)}<br>{caption}</figcaption></figure>"
+    )
+
+
+def write_page(folder, rows, now, unsure_below):
+    """Write folder/index.html, whole, from the CSV's rows and the class folders as they are."""
+    photos = entries(folder, rows, now)
+    to_check = sum(UNSURE in Path(rel).parts[1:-1] for _, rel, _ in photos)
+    corrected = sum(row is not None and row[1] != CLASS_NAMES[label] for label, _, row in photos)
+    count_rows, sections = [], []
+    for label, name in enumerate(CLASS_NAMES):
+        mine = [(rel, row) for index, rel, row in photos if index == label]
+        unsure = sum(UNSURE in Path(rel).parts[1:-1] for rel, _ in mine)
+        anchor = f"class-{label}"
+        count_rows.append(
+            f'<tr data-class="{html.escape(name)}" data-count="{len(mine)}"><td>'
+            f'<a href="#{anchor}">{html.escape(name)}</a></td><td>{len(mine)}</td>'
+            f"<td>{unsure}</td></tr>"
+        )
+        if mine:
+            figures = "\n".join(photo_html(folder, label, rel, row) for rel, row in mine)
+            sections.append(
+                f'<section class="class" data-class="{html.escape(name)}"><h2 id="{anchor}">'
+                f'{html.escape(name)} ({len(mine)})</h2><div class="photos">\n{figures}\n'
+                "</div></section>"
+            )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{shown(folder.name)}: the sorted catalogue</title><style>{STYLE}</style></head>
+<body>
+<h1>{shown(folder.name)}: {len(photos):,} photos sorted by class</h1>
+<p id="summary"><b id="to-check">{to_check:,}</b> to check: the model gave them under
+{unsure_below:.0%}, so they are in each class's <code>{UNSURE}</code> folder and shown first,
+marked. Move a photo that is wrong into the right class folder, one that is right out of
+<code>{UNSURE}</code>; then run the same predict command again to refresh this page.
+<span id="corrected">{corrected:,}</span> corrected by a person so far.</p>
+{figure(photos)}
+<table id="counts"><tr><th>class</th><th>photos</th><th>to check</th></tr>
+{chr(10).join(count_rows)}
+</table>
+{chr(10).join(sections)}
+<script>{SCRIPT}</script>
+</body></html>
+"""
+    with atomic_path(folder / PAGE_NAME) as partial:
+        partial.write_text(page, encoding="utf-8")
