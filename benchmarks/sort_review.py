@@ -63,11 +63,11 @@ def split(photos, seed, work):
 
 def check_as_a_person(folder, truth_by_name):
     """Every photo in an unsure folder moved to its true class folder (out of unsure/)."""
-    for name, (_, rel) in sorting.scan(folder).items():
+    for rel in sorting.scan(folder):
         if sorting.UNSURE in rel.parts[1:-1]:
-            right = folder / sorting.class_folder(truth_by_name[name])
+            right = folder / sorting.class_folder(truth_by_name[rel.name])
             right.mkdir(exist_ok=True)
-            shutil.move(folder / rel, right / name)
+            shutil.move(folder / rel, right / rel.name)
 
 
 def right_after_checking(probabilities, right, share):
@@ -107,9 +107,9 @@ def one_seed(photos, seed, work, unsure):
             "--out-dir", work / "m2-unchecked")  # fmt: skip
     both = work / "both"  # what the shop has labelled by now: the tuned photos and the checked
     for folder in (work / "tuned", sorted_into):
-        for name, (label, rel) in sorting.scan(folder).items():
+        for rel, label in sorting.scan(folder).items():
             (both / sorting.class_folder(fm.CLASS_NAMES[label])).mkdir(parents=True, exist_ok=True)
-            (both / sorting.class_folder(fm.CLASS_NAMES[label]) / name).symlink_to(
+            (both / sorting.class_folder(fm.CLASS_NAMES[label]) / rel.name).symlink_to(
                 (folder / rel).resolve()
             )
     program("finetune", "--backbone", "mobilenet_v2", both, "--holdout", "0",

@@ -33,7 +33,8 @@ def csv_row(result):
 def read_rows_done(path, paths, sorted_into=None):
     """The rows that an interrupted run left in the CSV at path, checked against the photos to
     classify now; (rows, bytes that hold them whole). A row cut off by the stop is left out.
-    The CSV of a --sort-into folder also keeps the rows of earlier runs' photos."""
+    The CSV of a --sort-into folder also keeps the rows of earlier runs' photos, and of a photo
+    classified again, the last row counts."""
 
     def refuse(reason):
         if sorted_into:
@@ -66,16 +67,26 @@ def read_rows_done(path, paths, sorted_into=None):
     rows, wanted, seen = rows[1:], {str(p) for p in paths}, set()
     for number, row in enumerate(rows, start=2):
         whole = len(row) == len(header) and (
-            (row[1] in CLASS_NAMES and not row[4]) or (row[1] == "" and row[4])
-        )  # a class, or an error
+            (row[1] in CLASS_NAMES and not row[4] and is_probability(row[2]))
+            or (row[1] == "" and row[4])
+        )  # a class and its probability, or an error
         if not whole:
             refuse(f"is damaged at line {number}")
         if row[0] not in wanted and not sorted_into:
             refuse(f"lists {row[0]}, which is not among the photos given: it is another run's")
-        if row[0] in seen:
+        if row[0] in seen and not sorted_into:
             refuse(f"lists {row[0]} twice")
         seen.add(row[0])
+    if sorted_into:
+        rows = list({row[0]: row for row in rows}.values())
     return rows, rows_end
+
+
+def is_probability(text):
+    try:
+        return 0 <= float(text) <= 1
+    except ValueError:
+        return False
 
 
 def rewrite(path, header, rows):

@@ -137,7 +137,10 @@ def accuracy_report(result):
 
 
 def corrected_photos(folder):
-    """How many photos of a catalogue sorted by predict a person moved to another class."""
+    """How many photos of a catalogue sorted by predict a person moved to another class; None
+    where its CSV is elsewhere (--csv)."""
+    if not (folder / sorting.CSV_NAME).is_file():
+        return None
     rows, _ = read_rows_done(folder / sorting.CSV_NAME, [], sorted_into=folder)
     return sorting.corrections(rows, sorting.scan(folder))
 
@@ -154,6 +157,7 @@ def main(argv):
     args = parse_finetune_args(argv)
     catalogue_folder = sorting.is_sorted_catalogue(args.folder)  # predict --sort-into's
     photos = find_labelled_photos(args.folder, sorted_catalogue=catalogue_folder)
+    corrected = corrected_photos(args.folder) if catalogue_folder else None
     tuned_photos = "colour" if args.backbone else "as photographed"
     images = prepare_photos([path for path, _ in photos], tuned_photos)
     labels = np.array([label for _, label in photos])
@@ -179,8 +183,7 @@ def main(argv):
     run = open_run(args, "finetune", options, suffix="-finetune")
     use_windows(False)  # the confusion matrix is saved, never shown
     what = f"a new last layer on {args.backbone} (ImageNet)" if args.backbone else "the model"
-    if catalogue_folder:
-        corrected = corrected_photos(args.folder)
+    if corrected is not None:
         print(
             f"A sorted catalogue: {corrected:,} of {len(photos):,} photos corrected by a person "
             "(their folder is not predict's answer)"
@@ -223,7 +226,7 @@ def main(argv):
         "photos_tuned_on": len(tune),
         "photos_held_out": len(held_out),
     }
-    if catalogue_folder:
+    if corrected is not None:
         results["corrected_by_a_person"] = corrected
     details = {"config": vars(args) | {"keras": keras.__version__}}
     figure = ", history.csv and confusion_matrix.png" if after else " and history.csv"

@@ -4,6 +4,7 @@ Imports neither TensorFlow nor the training script: the processes that prepare a
 photos import only this module. How each step was chosen: benchmarks/README.md.
 """
 
+import errno
 import functools
 import hashlib
 import math
@@ -330,7 +331,11 @@ def prepare_chunk(paths, photos, thumbnails=None):
             picture = open_picture(path, fit=DECODED)
             prepared.append((PREPARATIONS[photos](path, picture=picture), None))
             if thumbnails:
-                save_thumbnail(picture, thumbnails / thumbnail_name(path))
+                try:
+                    save_thumbnail(picture, thumbnails / thumbnail_name(path))
+                except OSError as error:  # the page shows the photo itself instead
+                    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise
         except PhotoError as error:
             prepared.append((None, str(error)))
     return prepared

@@ -221,31 +221,33 @@ def classify_catalogue(model, prepared, args, rows_bytes, each_line, progress, s
 
 def rows_before(args, paths):
     """The CSV's rows already done and the bytes that hold them: a stopped run's with --resume,
-    a --sort-into folder's always (less those to classify again with --reclassify), and which
-    sorted photos are classified again, with where an earlier run put them."""
+    a --sort-into folder's always; and the sorted photos to classify again (--reclassify)."""
     if not args.sort_into:
         if args.csv and not args.resume:
             catalogue.refuse_to_replace_other_files(args.csv)
-        return (*catalogue.read_rows_done(args.csv, paths), {}) if args.resume else ([], 0, {})
+        return (
+            (*catalogue.read_rows_done(args.csv, paths), set()) if args.resume else ([], 0, set())
+        )
     sorting.open_folder(args.sort_into)
     args.csv = args.csv or args.sort_into / sorting.CSV_NAME
     rows, rows_bytes = catalogue.read_rows_done(args.csv, paths, sorted_into=args.sort_into)
-    if not args.reclassify:
-        return rows, rows_bytes, {}
     given = {str(path) for path in paths}
-    again = {row[0]: row[5] for row in rows if row[0] in given}
-    rows = [row for row in rows if row[0] not in given]
-    return rows, catalogue.rewrite(args.csv, catalogue.SORTED_HEADER, rows), again
+    # Classified again, a photo gets a new row after its old one: the last one counts.
+    again = {row[0] for row in rows if row[0] in given} if args.reclassify else set()
+    return rows, rows_bytes, again
 
 
-def finish_sorting(folder, csv_path, unsure_below):
-    """The review page written from the whole CSV and the class folders as they are now."""
+def finish_sorting(folder, csv_path, unsure_below, compact=False):
+    """The review page written from the whole CSV and the class folders as they are now; with
+    compact, the CSV rewritten with each photo's last row only (after --reclassify)."""
     rows, _ = catalogue.read_rows_done(csv_path, [], sorted_into=folder)
-    now = sorting.scan(folder)
-    review_page.write_page(folder, rows, now, unsure_below)
-    to_check = sum(sorting.UNSURE in rel.parts[1:-1] for _, rel in now.values())
+    if compact:
+        catalogue.rewrite(csv_path, catalogue.SORTED_HEADER, rows)
+    files = sorting.scan(folder)
+    review_page.write_page(folder, rows, files, unsure_below)
+    to_check = sum(sorting.UNSURE in rel.parts[1:-1] for rel in files)
     print(
-        f"Sorted into {folder}/: {len(now):,} photos, {to_check:,} to check (in the "
+        f"Sorted into {folder}/: {len(files):,} photos, {to_check:,} to check (in the "
         f"{sorting.UNSURE} folders); review page {folder / sorting.PAGE_NAME}"
     )
 
@@ -256,8 +258,12 @@ def main(argv):
     args = parse_predict_args(argv)
     start = time.perf_counter()
     paths = photos.find_images(args.paths)
+    if args.sort_into:  # a catalogue's photos by their full paths, never the catalogue's own
+        inside = args.sort_into.absolute()
+        paths = [path.absolute() for path in paths]
+        paths = [path for path in paths if not path.is_relative_to(inside)]
     rows, rows_bytes, again = rows_before(args, paths)
-    done_before = {row[0] for row in rows}
+    done_before = {row[0] for row in rows} - again
     todo = [path for path in paths if str(path) not in done_before]
     each_line = not (args.json or args.csv)  # a line per photo on stdout, as without a CSV
     on_terminal = sys.stderr.isatty()
@@ -269,7 +275,9 @@ def main(argv):
         model = load_trained_model(args.model)
         if kind_of(model).photos != declared.photos:
             raise UserError(f"{args.model}: its config and its model disagree on the input")
-        sorter = sorting.Sorter(args.sort_into, args.unsure, again) if args.sort_into else None
+        sorter = None
+        if args.sort_into:
+            sorter = sorting.Sorter(args.sort_into, args.unsure, rows, again)
         progress = None
         if todo and not quiet:
             progress = catalogue.show_progress(len(todo), on_terminal, start)
@@ -287,7 +295,7 @@ def main(argv):
             f"rows in {args.csv}{before}"
         )
     if args.sort_into:
-        finish_sorting(args.sort_into, args.csv, args.unsure)
+        finish_sorting(args.sort_into, args.csv, args.unsure, compact=again and not stop_signal)
     if stop_signal:
         line = f"Stopped after {done:,} of {len(todo):,} photos"
         if args.sort_into:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fashion_mnist_cnn import CLASS_NAMES, atomic_path
 from fashion_shop.photos import thumbnail_name
-from fashion_shop.sorting import PAGE_NAME, THUMBNAILS, UNSURE
+from fashion_shop.sorting import PAGE_NAME, THUMBNAILS, UNSURE, match
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -43,11 +43,13 @@ def link(path):
     return html.escape(urllib.parse.quote(os.fsencode(Path(path).as_posix())))
 
 
-def entries(folder, rows, now):
+def entries(rows, files):
     """Each photo in the class folders now, with what predict answered for it (None for a
     photo a person put there): (class index, path, row), least sure first in each class."""
-    answers = {Path(row[5]).name: row for row in rows if row[5]}
-    found = [(label, rel, answers.get(name)) for name, (label, rel) in now.items()]
+    answers = {row[0]: row for row in rows}
+    now, others = match(rows, files)
+    found = [(files[rel], rel, answers[photo]) for photo, rel in now.items() if rel is not None]
+    found += [(files[rel], rel, None) for rel in others]
     return sorted(found, key=lambda e: (e[0], float(e[2][2]) if e[2] else 2.0, str(e[1])))
 
 
@@ -140,9 +142,9 @@ def photo_html(folder, label, rel, row):
     )
 
 
-def write_page(folder, rows, now, unsure_below):
+def write_page(folder, rows, files, unsure_below):
     """Write folder/index.html, whole, from the CSV's rows and the class folders as they are."""
-    photos = entries(folder, rows, now)
+    photos = entries(rows, files)
     to_check = sum(UNSURE in Path(rel).parts[1:-1] for _, rel, _ in photos)
     corrected = sum(row is not None and row[1] != CLASS_NAMES[label] for label, _, row in photos)
     count_rows, sections = [], []

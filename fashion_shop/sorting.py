@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fashion_mnist_cnn import CLASS_NAMES, UserError, atomic_path
+from fashion_mnist_cnn import CLASS_NAMES, UserError
 from fashion_shop.folders import CSV_NAME, PAGE_NAME, class_key, folder_names  # noqa: F401 (DIR's names)
 from fashion_shop.photos import IMAGE_SUFFIXES
 
@@ -19,6 +19,9 @@ from fashion_shop.photos import IMAGE_SUFFIXES
 UNSURE = "unsure"
 UNSURE_BELOW = 0.8  # default --unsure: cross-validated on the shop photos (benchmarks/README)
 THUMBNAILS = ".thumbnails"
+# Where a link cannot be made at all (another disk, a file system without them), not where
+# one photo is the trouble: those errors say so for that photo.
+NO_LINKS_HERE = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
 
 
 def class_folder(name):
@@ -38,19 +41,13 @@ def open_folder(folder):
 
 
 def is_sorted_catalogue(folder):
-    """Whether folder was written by predict --sort-into (its CSV has the sorted_as column)."""
-    from fashion_shop.catalogue import SORTED_HEADER
-
-    try:
-        with open(folder / CSV_NAME, encoding="utf-8", errors="replace") as file:
-            return file.readline().rstrip("\r\n") == ",".join(SORTED_HEADER)
-    except OSError:
-        return False
+    """Whether folder was sorted by predict --sort-into (it has the page and its thumbnails)."""
+    return (folder / PAGE_NAME).is_file() and (folder / THUMBNAILS).is_dir()
 
 
 def scan(folder):
-    """Every photo in the class folders as they are now: file name -> (class index, path
-    relative to folder), wherever a person moved it, in whatever class folder they made."""
+    """Every photo in the class folders as they are now, wherever a person moved it and in
+    whatever class folder they made: path relative to folder -> class index."""
     classes = {word: index for index, name in enumerate(CLASS_NAMES) for word in folder_names(name)}
     found = {}
     for sub in sorted(folder.iterdir()):
@@ -59,10 +56,28 @@ def scan(folder):
         for path in sorted(sub.rglob("*")):
             photo = path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
             if photo and (path.is_file() or path.is_symlink()):
-                found.setdefault(
-                    path.name, (classes[class_key(sub.name)], path.relative_to(folder))
-                )
+                found[path.relative_to(folder)] = classes[class_key(sub.name)]
     return found
+
+
+def match(rows, files):
+    """Each sorted row's photo as it is now: {row's photo: its path now, or None if a person
+    removed it}, and the files no row accounts for (a person's own, or a stopped run's). A
+    photo is where the row says, or else the one file of its name that no row is at."""
+    at = {Path(row[5]): row[0] for row in rows if row[5]}
+    by_name = {}
+    for rel in files:
+        if rel not in at:
+            by_name.setdefault(rel.name, []).append(rel)
+    now = {}
+    for rel, photo in at.items():
+        if rel in files:
+            now[photo] = rel
+        else:
+            moved = by_name.get(rel.name, [])
+            now[photo] = moved.pop(0) if moved else None
+    claimed = set(now.values())
+    return now, [rel for rel in files if rel not in claimed]
 
 
 def same_photo(path, source):
@@ -77,52 +92,85 @@ class Sorter:
     """Puts classified photos into the folder, a batch at a time: it keeps, across batches, the
     names in use and how files can be put there (hard links, else symbolic links, else copies)."""
 
-    def __init__(self, folder, unsure_below, earlier):
+    def __init__(self, folder, unsure_below, rows, again=()):
         self.folder, self.unsure_below = folder, unsure_below
-        self.now = scan(folder)  # every name in use, and where that photo is
-        self.earlier = earlier  # photo -> where an earlier run put it, for those classified again
+        files = scan(folder)
+        self.where_now, unclaimed = match(rows, files)
+        self.again = set(again)  # the photos classified once more (--reclassify)
+        self.sorted_as = {row[0]: Path(row[5]) for row in rows if row[5]}
+        self.names_in_use = {rel.name for rel in files} | {Path(row[5]).name for row in rows}
+        self.leftovers = {}  # files no row accounts for, by name: perhaps a stopped run's links
+        for rel in unclaimed:
+            self.leftovers.setdefault(rel.name, []).append(rel)
+        self.next_number = {}
         self.way = "hard links"
 
     def place(self, result):
-        """Where the photo of one result goes, relative to the folder ("" for none), put there."""
+        """Put the photo of one result where it goes; returns that place, relative to the folder
+        ("" for none). A photo gone since it was prepared becomes an error."""
         if "error" in result:
             return ""
         source, top = Path(result["image"]), result["top3"][0]
         unsure = top["probability"] < self.unsure_below
         where = Path(class_folder(top["class"]), *[UNSURE] * unsure)
-        if self.earlier.get(result["image"]):  # placed by an earlier run (not unreadable then)
-            return self.place_again(source, self.earlier[result["image"]], where)
-        for name in self.names(source.name):
-            if name not in self.now:
+        if result["image"] in self.again:
+            return self.place_again(result["image"], where)
+        for rel in self.leftovers.get(source.name, []):
+            if same_photo(self.folder / rel, source):  # linked by a run stopped before its row
+                self.leftovers[source.name].remove(rel)
+                return str(rel)
+        while True:
+            name = self.free_name(source.name)
+            try:
                 self.put(source, self.folder / where / name)
-                self.now[name] = (CLASS_NAMES.index(top["class"]), where / name)
                 return str(where / name)
-            if same_photo(self.folder / self.now[name][1], source):
-                return str(self.now[name][1])  # put there by a run that was stopped before its row
+            except FileExistsError:
+                continue  # a file of that name came meanwhile, or differs only in case
+            except FileNotFoundError:
+                if source.exists():
+                    raise
+                result["error"] = f"{source}: no such image file (gone since it was read)"
+                del result["top3"]
+                return ""
 
-    @staticmethod
-    def names(name):
-        """The photo's own name, then name-2, name-3, ... for another photo of the same name."""
+    def free_name(self, name):
+        """The photo's own name, or name-2, name-3, ... where another photo has it; taken."""
         stem, suffix = os.path.splitext(name)
-        yield name
-        for n in range(2, sys.maxsize):
-            yield f"{stem}-{n}{suffix}"
+        candidate, n = name, self.next_number.get(name, 2)
+        while candidate in self.names_in_use:
+            candidate, n = f"{stem}-{n}{suffix}", n + 1
+        self.next_number[name] = n
+        self.names_in_use.add(candidate)
+        return candidate
 
-    def place_again(self, source, before, where):
+    def place_again(self, photo, where):
         """A photo classified again: moved to its new folder if it is still where predict put
         it; left where a person moved it (or gone, if they removed it)."""
-        before = Path(before)
-        if same_photo(self.folder / before, source):
-            if before.parent == where or (self.folder / where / before.name).exists():
-                return str(before)  # there already, or a person's file of that name is there
-            (self.folder / where).mkdir(parents=True, exist_ok=True)
-            os.replace(self.folder / before, self.folder / where / before.name)
-            return str(where / before.name)
-        moved = self.now.get(before.name)
-        return str(moved[1]) if moved else ""
+        before = self.where_now.get(photo)
+        if before is None:
+            return ""
+        moved_by_a_person = before != self.sorted_as[photo]
+        if moved_by_a_person or before.parent == where:
+            return str(before)
+        destination = self.folder / where / before.name
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.link(self.folder / before, destination)  # never onto a file that is there
+            os.unlink(self.folder / before)
+        except FileExistsError:
+            return str(before)  # a file of that name is there: the photo stays where it is
+        except OSError:
+            return str(before)  # no links on this disk: left where it was sorted before
+        return str(where / before.name)
 
     def put(self, source, destination):
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        """source linked (or copied) to destination, which must not exist yet."""
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(
+                f"--sort-into {self.folder}: cannot make {destination.parent} ({error.strerror})"
+            ) from None
         while True:
             try:
                 if self.way == "hard links":
@@ -130,11 +178,12 @@ class Sorter:
                 elif self.way == "symbolic links":
                     os.symlink(source.resolve(), destination)
                 else:
-                    with atomic_path(destination) as partial:
-                        shutil.copy2(source, partial)
+                    copy_exclusively(source, destination)
                 return
+            except (FileExistsError, FileNotFoundError):
+                raise
             except OSError as error:
-                if error.errno in (errno.ENOSPC, errno.EDQUOT) or self.way == "copies":
+                if self.way == "copies" or error.errno not in NO_LINKS_HERE:
                     raise UserError(
                         f"--sort-into {self.folder}: cannot put {source} there "
                         f"({error.strerror or error}); once that is mended, the same command "
@@ -148,9 +197,24 @@ class Sorter:
                 )
 
 
-def corrections(rows, now):
+def copy_exclusively(source, destination):
+    """A copy of source at destination, which is claimed first (never a file that is there),
+    and filled from a hidden copy, so that it is never seen half written."""
+    os.close(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    partial = destination.with_name(f".{destination.name}.partial")
+    try:
+        shutil.copy2(source, partial)
+        os.replace(partial, destination)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        destination.unlink(missing_ok=True)
+        raise
+
+
+def corrections(rows, files):
     """How many sorted photos a person moved to another class than predict's answer."""
-    answers = {Path(row[5]).name: row[1] for row in rows if row[5]}
+    answers = {row[0]: row[1] for row in rows}
+    now, _ = match(rows, files)
     return sum(
-        CLASS_NAMES[label] != answers[name] for name, (label, _) in now.items() if name in answers
+        rel is not None and CLASS_NAMES[files[rel]] != answers[photo] for photo, rel in now.items()
     )

@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -107,13 +108,24 @@ def test_what_a_person_moved_or_put_there_stays_and_only_new_photos_are_classifi
     assert corrected.is_file() and not moved.exists() and mine.read_bytes() == b"not even a photo"
     page = (out / sorting.PAGE_NAME).read_text()
     assert 'id="corrected">1<' in page and "put here by a person" in page
-    # Classified again on request: predict's own placements follow the answers, not the person's.
-    assert sort(model_path, tmp_path / "photos", "--sort-into", out, "--reclassify") == 0
-    assert corrected.is_file() and mine.is_file() and len(rows_of(out)) == 6
+    # Classified again by another model: predict's own placements follow its answers, the
+    # person's correction stays where they put it.
+    keras.utils.set_random_seed(1)
+    other_model = tmp_path / "other.keras"
+    fm.build_model("float32").save(other_model)  # untrained: other answers
+    assert sort(other_model, tmp_path / "photos", "--sort-into", out, "--reclassify") == 0
+    assert corrected.is_file() and mine.read_bytes() == b"not even a photo"
     again = {row["path"]: row for row in rows_of(out)}
+    assert len(rows_of(out)) == 6  # one row a photo again
+    moved_by_predict = 0
     for path, row in again.items():
-        if Path(path).name != moved.name:
-            assert (out / row["sorted_as"]).is_file()
+        if Path(path).name == moved.name:
+            assert row["sorted_as"] == str(corrected.relative_to(out))
+            continue
+        assert (out / row["sorted_as"]).is_file()
+        assert Path(row["sorted_as"]).parts[0] == sorting.class_folder(row["class"])
+        moved_by_predict += row["sorted_as"] != first.get(path, row)["sorted_as"]
+    assert moved_by_predict > 0
 
 
 def test_a_photo_placed_by_a_run_stopped_before_its_row_is_not_placed_twice(model_path, tmp_path):
@@ -297,3 +309,67 @@ def test_the_csv_of_a_sorted_folder_keeps_earlier_runs_photos(tmp_path):
     catalogue.rewrite(table, catalogue.SORTED_HEADER, [row])
     rows, _ = catalogue.read_rows_done(table, [Path("/new/b.jpg")], sorted_into=tmp_path)
     assert rows == [row]
+
+
+def test_a_file_that_appears_under_a_photos_name_is_never_overwritten(
+    model_path, tmp_path, monkeypatch
+):
+    (photo,) = shop(tmp_path / "photos", [2])
+    link, calls = os.link, []
+
+    def someone_first(source, destination, **kwargs):
+        calls.append(destination)
+        if len(calls) == 1:  # a person's file of that name, just in time
+            Path(destination).write_bytes(b"a person's")
+        return link(source, destination, **kwargs)
+
+    monkeypatch.setattr(os, "link", someone_first)
+    out = tmp_path / "sorted"
+    assert sort(model_path, tmp_path / "photos", "--sort-into", out) == 0
+    monkeypatch.undo()
+    (row,) = rows_of(out)
+    assert Path(row["sorted_as"]).name == "item0-2.png"  # the next name, not theirs
+    theirs = out / Path(row["sorted_as"]).parent / "item0.png"
+    assert theirs.read_bytes() == b"a person's"
+
+
+def test_a_photo_gone_since_it_was_read_is_an_error_and_nothing_is_left(
+    model_path, tmp_path, monkeypatch, capsys
+):
+    photos = shop(tmp_path / "photos", [2, 6])
+    link = os.link
+
+    def gone(source, destination, **kwargs):
+        if Path(source) == photos[0]:
+            Path(source).unlink()
+        return link(source, destination, **kwargs)
+
+    monkeypatch.setattr(os, "link", gone)
+    out = tmp_path / "sorted"
+    assert sort(model_path, tmp_path / "photos", "--sort-into", out) == 1
+    assert "no such image file" in capsys.readouterr().err
+    rows = {row["path"]: row for row in rows_of(out)}
+    assert rows[str(photos[0])]["error"] and not rows[str(photos[0])]["sorted_as"]
+    assert (out / rows[str(photos[1])]["sorted_as"]).is_file()
+    assert [p.name for p in out.rglob("*.png")] == [photos[1].name]  # no link left dangling
+
+
+def test_a_catalogue_inside_the_photos_it_sorts_is_not_sorted_into_itself(model_path, tmp_path):
+    shop(tmp_path / "photos", [0, 5])
+    out = tmp_path / "photos" / "sorted"
+    for _ in range(2):
+        assert sort(model_path, tmp_path / "photos", "--sort-into", out) == 0
+    assert len(rows_of(out)) == 2 and len(list(out.rglob("*.png"))) == 2
+
+
+def test_a_class_folder_that_is_a_file_is_one_line_and_stays(model_path, tmp_path):
+    shop(tmp_path / "photos", [1, 1, 1])
+    out = tmp_path / "sorted"
+    assert sort(model_path, tmp_path / "photos", "--sort-into", out) == 0
+    (label,) = {row["class"] for row in rows_of(out)}
+    shutil.rmtree(out / sorting.class_folder(label))
+    (out / sorting.class_folder(label)).write_text("a person's file")
+    shop(tmp_path / "photos", [1], seed=8, prefix="new")
+    result = run_program("predict", model_path, tmp_path / "photos", "--sort-into", out)
+    assert_clean_failure(result, "cannot make")
+    assert (out / sorting.class_folder(label)).read_text() == "a person's file"
