@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 COLOUR_SIZE = 224  # the colour photos' side: the input the ImageNet weights were made for
-DECODED = 224  # every preparation starts from the photo decoded to fit in this square
+DECODED = COLOUR_SIZE  # every preparation starts from the photo decoded to fit in this square
 THUMBNAIL = 160  # the review page's thumbnails fit in this square
 ITEM_LEVEL = 13  # an item pixel stands out by 5% of full intensity, as Fashion-MNIST's were cut
 SHOE_MEDIAN = 160  # the least median brightness of a prepared shoe or bag
@@ -291,7 +291,7 @@ def prepare_colour(path, picture=None):
     """A product photo -> uint8 224x224x3 for a --backbone model: the whole photo in colour, as
     ImageNet's photos are seen, longest side 224, made square with its own background colour."""
     if picture is None:
-        picture = open_picture(path, fit=COLOUR_SIZE)
+        picture = open_picture(path, fit=DECODED)
     background = tuple(int(v) for v in refuse_blank(path, picture))
     size = (COLOUR_SIZE, COLOUR_SIZE)
     return np.asarray(ImageOps.pad(picture, size, Image.Resampling.BILINEAR, color=background))

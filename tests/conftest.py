@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,22 @@ def wait_for_line(process, prefix, timeout=120):
     if not found.wait(timeout):
         raise AssertionError(f"no line starting {prefix!r} in {timeout} s: {''.join(lines)}")
     return lines
+
+
+def links_to(shot, folder, count, suffix):
+    """A large catalogue without writing it: folder holds count links to one shot, in order."""
+    folder.mkdir()
+    for n in range(count):
+        (folder / f"{n:04d}{suffix}").symlink_to(shot)
+    return folder
+
+
+def wait_until(process, ready, timeout=120):
+    """Poll until ready() holds; fails (with the child's stderr) if the child ends first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
 
 
 def assert_clean_failure(result, *fragments):

@@ -8,12 +8,19 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROGRAM, assert_clean_failure, program_env, run_program, start_program
+from conftest import (
+    PROGRAM,
+    assert_clean_failure,
+    links_to,
+    program_env,
+    run_program,
+    start_program,
+    wait_until,
+)
 from photo_helpers import a_bag, photo_folder, small_shop, write_photo
 
 import fashion_mnist_cnn as fm
@@ -308,16 +315,10 @@ def start_on_a_catalogue(model_path, tmp_path):
     """predict started on 1,500 photos (links to one shot: a large catalogue without writing
     1,500 files), once its first rows are in the CSV; returns the process, folder and CSV."""
     shot = write_photo(tmp_path / "shot.jpg", np.full((28, 28), 200, np.uint8), size=700)
-    folder = tmp_path / "catalogue"
-    folder.mkdir()
-    for n in range(1500):
-        (folder / f"{n:04d}.jpg").symlink_to(shot)
+    folder = links_to(shot, tmp_path / "catalogue", 1500, ".jpg")
     table = tmp_path / "out.csv"
     process = start_program("predict", model_path, folder, "--csv", table)
-    deadline = time.monotonic() + 120
-    while not (table.exists() and len(table.read_text().splitlines()) > 1):
-        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
-        time.sleep(0.01)
+    wait_until(process, lambda: table.exists() and len(table.read_text().splitlines()) > 1)
     return process, folder, table
 
 

@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean_failure, run_program, start_program
+from conftest import assert_clean_failure, links_to, run_program, start_program, wait_until
 from photo_helpers import framed_items, framed_items_model
 from PIL import Image
 
@@ -253,17 +252,10 @@ def test_a_photo_deleted_between_runs_stays_sorted(model_path, tmp_path):
 def test_sigterm_mid_sort_leaves_folders_csv_and_page_agreeing_and_the_same_command_goes_on(
     model_path, tmp_path
 ):
-    shot = shop(tmp_path, [8])[0]
-    folder = tmp_path / "catalogue"
-    folder.mkdir()
-    for n in range(1500):
-        (folder / f"{n:04d}.png").symlink_to(shot)
+    folder = links_to(shop(tmp_path, [8])[0], tmp_path / "catalogue", 1500, ".png")
     out = tmp_path / "sorted"
     process = start_program("predict", model_path, folder, "--sort-into", out)
-    deadline = time.monotonic() + 120
-    while not ((out / sorting.CSV_NAME).exists() and len(rows_of(out)) > 0):
-        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
-        time.sleep(0.01)
+    wait_until(process, lambda: (out / sorting.CSV_NAME).exists() and len(rows_of(out)) > 0)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143, err
