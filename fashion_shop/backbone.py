@@ -28,6 +28,11 @@ BACKBONES = {
 }
 KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 FEATURE_BATCH = 64  # photos per call into the backbone
+# The new layer's probabilities are calibrated on the photos it was tuned on, cross-validated
+# in this many folds; under MIN_CALIBRATED photos the folds are too small to tell.
+CALIBRATION_FOLDS = 5
+MIN_CALIBRATED = 50
+TEMPERATURES = np.geomspace(0.25, 4.0, 121)  # the temperatures tried, 2.3% apart
 
 
 def backbone_weights(name):
@@ -60,19 +65,26 @@ def build_transfer_model(name):
         pooling="avg",
     )  # fmt: skip
     backbone.trainable = False  # tuning its top measured no better (benchmarks/README.md)
-    head = keras.Sequential(
-        [
-            keras.Input(backbone.output_shape[1:]),
-            keras.layers.Dropout(0.2),
-            keras.layers.Dense(10, activation="softmax"),
-        ],
-        name="head",
-    )
+    head = new_head(backbone.output_shape[1:])
     model = keras.Sequential(
         [keras.Input(size), keras.layers.Rescaling(2.0, offset=-1.0), backbone, head],
         name=f"{name}_fashion",
     )
     return model, head
+
+
+def new_head(feature_shape, name="head"):
+    """The new last layer: 10 classes from what the backbone sees."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input(feature_shape),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10, activation="softmax"),
+        ],
+        name=name,
+    )
 
 
 def photo_features(model, images):
@@ -96,3 +108,77 @@ def feature_batches(features, labels, seed, epoch):
 
     order = np.random.default_rng((seed, epoch)).permutation(len(labels))
     return tf.data.Dataset.from_tensor_slices((features[order], labels[order])).batch(BATCH_SIZE)
+
+
+def head_logits(head, features):
+    """The new layer's scores before its softmax (dropout is off when it classifies)."""
+    kernel, bias = head.layers[-1].get_weights()
+    return features @ kernel + bias
+
+
+def calibration_folds(labels, seed):
+    """Each photo's fold, class by class in turn, so that every fold holds every class."""
+    folds = np.empty(len(labels), int)
+    rng = np.random.default_rng(seed)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        folds[members] = np.arange(len(members)) % CALIBRATION_FOLDS
+    return folds
+
+
+def fold_layers(feature_shape):
+    """CALIBRATION_FOLDS new last layers side by side, as one layer of folds x 10 scores: a
+    step trains all of them in the time of one (benchmarks/calibration.py)."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input(feature_shape),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(CALIBRATION_FOLDS * 10),
+            keras.layers.Reshape((CALIBRATION_FOLDS, 10)),
+            keras.layers.Softmax(),
+        ]
+    )
+
+
+def out_of_fold_logits(features, labels, seed, epochs, learning_rate):
+    """Each tuned photo's scores from a new layer trained as finetune trains one, but on the
+    other folds' photos alone (both ways round): fold k's layer is told nothing of fold k's
+    photos. features holds the photos, then their mirror images."""
+    import keras
+
+    keras.utils.set_random_seed(seed)  # the same temperature when a run is continued
+    n = len(labels)
+    folds = calibration_folds(labels, seed)
+    targets = np.where(folds[:, None] == np.arange(CALIBRATION_FOLDS), -1, labels[:, None])
+    layers = fold_layers(features.shape[1:])
+    layers.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=-1),
+    )
+    layers.fit(features, np.tile(targets, (2, 1)), batch_size=BATCH_SIZE, epochs=epochs, verbose=0)
+    kernel, bias = layers.layers[1].get_weights()
+    scores = (features[:n] @ kernel + bias).reshape(n, CALIBRATION_FOLDS, 10)
+    return scores[np.arange(n), folds]
+
+
+def best_temperature(logits, labels):
+    """The temperature T at which softmax(logits / T) gives the labels the most likelihood:
+    above 1, the probabilities were too sure of themselves."""
+
+    def log_likelihood(t):
+        scaled = logits / t
+        scaled = scaled - scaled.max(axis=1, keepdims=True)
+        log_p = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+        return log_p[np.arange(len(labels)), labels].mean()
+
+    return float(max(TEMPERATURES, key=log_likelihood))
+
+
+def calibrate(head, temperature):
+    """Divide the new layer's scores by the temperature, in its own weights: the model, its
+    exports and predict are unchanged, its probabilities honest, its answers the same."""
+    dense = head.layers[-1]
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel / temperature, bias / temperature])

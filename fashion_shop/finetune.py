@@ -32,7 +32,16 @@ from fashion_mnist_cnn import (
     use_windows,
 )
 from fashion_shop import sorting
-from fashion_shop.backbone import BACKBONES, build_transfer_model, feature_batches, photo_features
+from fashion_shop.backbone import (
+    BACKBONES,
+    MIN_CALIBRATED,
+    best_temperature,
+    build_transfer_model,
+    calibrate,
+    feature_batches,
+    out_of_fold_logits,
+    photo_features,
+)
 from fashion_shop.catalogue import read_rows_done
 from fashion_shop.folders import find_labelled_photos, prepare_photos
 from fashion_shop.models import TUNED_NAME, class_probabilities, kind_of, load_trained_model
@@ -151,9 +160,29 @@ def photo_batches(images, labels, seed, epoch):
     return batches(images, labels, BATCH_SIZE, epoch_key=(seed, epoch), augment=True)
 
 
+def calibrated_temperature(head, features, labels, args):
+    """Make the new layer's probabilities say how often it is right, so that predict's unsure
+    marks and the review page's figure can be trusted: the temperature found by
+    cross-validation on the tuned photos; None, and said, where they are too few."""
+    if len(labels) < MIN_CALIBRATED:
+        print(
+            f"Probabilities left as trained: {len(labels)} photos are too few to calibrate "
+            f"them on ({MIN_CALIBRATED} or more)"
+        )
+        return None
+    logits = out_of_fold_logits(features, labels, args.seed, args.epochs, args.learning_rate)
+    temperature = best_temperature(logits, labels)
+    calibrate(head, temperature)
+    print(
+        f"Probabilities calibrated: temperature {temperature:.2f}, found by cross-validation "
+        "on the tuned photos"
+    )
+    return temperature
+
+
 def main(argv):
     """photos -> hold-out -> model (yours, or an ImageNet network with a new last layer) ->
-    accuracy before -> fine-tune -> accuracy after -> save."""
+    accuracy before -> fine-tune -> calibrate (--backbone) -> accuracy after -> save."""
     args = parse_finetune_args(argv)
     catalogue_folder = sorting.is_sorted_catalogue(args.folder)  # predict --sort-into's
     photos = find_labelled_photos(args.folder, sorted_catalogue=catalogue_folder)
@@ -210,6 +239,9 @@ def main(argv):
     else:
         epoch_data = functools.partial(photo_batches, images[tune], labels[tune], args.seed)
     progress, stop_signal = train_run(learner, run, epoch_data, None, args.epochs)
+    temperature = None
+    if args.backbone and stop_signal is None:
+        temperature = calibrated_temperature(learner, features, labels[tune], args)
     if not args.backbone:  # so that predict, and "after", show it photos as it was tuned on
         model.name = TUNED_NAME
     after = photo_accuracy(model, images[held_out], labels[held_out]) if measure else None
@@ -225,6 +257,7 @@ def main(argv):
         "photos": {CLASS_NAMES[c]: int(counts[c]) for c in range(10) if counts[c]},
         "photos_tuned_on": len(tune),
         "photos_held_out": len(held_out),
+        "temperature": temperature,
     }
     if corrected is not None:
         results["corrected_by_a_person"] = corrected
