@@ -166,14 +166,16 @@ def out_of_fold_logits(features, labels, seed, epochs, learning_rate):
 def best_temperature(logits, labels):
     """The temperature T at which softmax(logits / T) gives the labels the most likelihood:
     above 1, the probabilities were too sure of themselves."""
+    import keras
 
-    def log_likelihood(t):
-        scaled = logits / t
-        scaled = scaled - scaled.max(axis=1, keepdims=True)
-        log_p = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
-        return log_p[np.arange(len(labels)), labels].mean()
+    def loss(t):
+        return float(
+            keras.ops.mean(
+                keras.losses.sparse_categorical_crossentropy(labels, logits / t, from_logits=True)
+            )
+        )
 
-    return float(max(TEMPERATURES, key=log_likelihood))
+    return float(min(TEMPERATURES, key=loss))
 
 
 def calibrate(head, temperature):
