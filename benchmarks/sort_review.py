@@ -1,19 +1,24 @@
 """A shop's loop on real photos: sort a catalogue, check the least-sure photos, tune on them.
 
-    python benchmarks/sort_review.py ../shared/product-photos/shop [--seeds 5]
+    python benchmarks/sort_review.py ../shared/product-photos/shop [--folds 5] [--seeds 3]
 
-Each seed splits the labelled photos, class by class, into a catalogue (40%), photos the shop
-tuned on before (40%) and new photos (20%), then runs the program's own commands as a shop
-would: `finetune --backbone` on the tuned photos; `predict --sort-into` the catalogue; a
-"person" who knows the true classes checks the unsure folders (moves each wrong photo into its
-right class folder, each right one out of `unsure/`); `finetune --backbone` on the checked
+First the sorting, cross-validated (--folds): the labelled photos are split, class by class,
+into folds; each fold is sorted with `predict --sort-into` by a `finetune --backbone` model
+tuned on the other folds, a "person" who knows the true classes checks its unsure folders, and
+the folders as they are then are counted. Pooled over the folds it prints the share marked
+unsure, the share of the mistakes among them, the catalogue right as sorted, after checking
+the unsure photos and after checking the least sure 10/20/30% (from the CSV's probabilities),
+and the --unsure threshold cross-validated: for each fold, the largest P whose marked share on
+the other folds stays within 25%, and what it gives on this fold.
+
+Then the whole loop (--seeds): each seed splits the labelled photos, class by class, into a
+catalogue (40%), photos the shop tuned on before (40%) and new photos (20%), then runs the
+program's own commands as a shop would: `finetune --backbone` on the tuned photos; `predict
+--sort-into` the catalogue; the "person" checks the unsure folders (moves each wrong photo into
+its right class folder, each right one out of `unsure/`); `finetune --backbone` on the checked
 catalogue (alone, unchecked, and with the photos tuned on before); `predict` the new photos
-with each model. It prints, per seed and over all: the
-share marked unsure, the share of mistakes among them, the catalogue right before and after
-checking the unsure photos and after checking the least sure 10/20/30% (from the CSV's
-probabilities), and the new photos right with each model. Finally the --unsure threshold
-cross-validated: for each seed, the largest P whose marked share on the other seeds stays
-within 25%, and what it gives on this seed.
+with each model. It prints the same figures per seed and over all, the new photos right with
+each model, and --unsure cross-validated over the seeds.
 """
 
 import argparse
@@ -44,21 +49,45 @@ def program(*args):
     return result
 
 
-def split(photos, seed, work):
-    """Class folders of links: catalogue/, tuned/, new/ under work; {path: class} of each."""
-    rng = np.random.default_rng(seed)
-    parts = {"catalogue": {}, "tuned": {}, "new": {}}
-    for label in range(10):
-        members = [path for path, own in photos if own == label]
-        members = [members[i] for i in rng.permutation(len(members))]
-        a, b = int(len(members) * 0.4), int(len(members) * 0.8)
-        for name, chosen in zip(parts, (members[:a], members[a:b], members[b:])):
+def link(parts, work):
+    """Class folders of links, work/<part>/<class>/, for {part: [(path, class)]}; of each
+    part {link: class name}."""
+    linked = {}
+    for name, members in parts.items():
+        linked[name] = {}
+        for path, label in members:
             folder = work / name / sorting.class_folder(fm.CLASS_NAMES[label])
             folder.mkdir(parents=True, exist_ok=True)
-            for path in chosen:
-                (folder / path.name).symlink_to(path.resolve())
-                parts[name][str(folder / path.name)] = fm.CLASS_NAMES[label]
-    return parts
+            (folder / path.name).symlink_to(path.resolve())
+            linked[name][str(folder / path.name)] = fm.CLASS_NAMES[label]
+    return linked
+
+
+def shuffled_classes(photos, seed):
+    """Each class's photos in an order fixed by seed: [(label, [path...])]."""
+    rng = np.random.default_rng(seed)
+    for label in range(10):
+        members = [path for path, own in photos if own == label]
+        yield label, [members[i] for i in rng.permutation(len(members))]
+
+
+def split(photos, seed, work):
+    """Catalogue (40%), tuned (40%), new (20%) of every class, linked under work."""
+    parts = {"catalogue": [], "tuned": [], "new": []}
+    for label, members in shuffled_classes(photos, seed):
+        a, b = int(len(members) * 0.4), int(len(members) * 0.8)
+        for name, chosen in zip(parts, (members[:a], members[a:b], members[b:])):
+            parts[name] += [(path, label) for path in chosen]
+    return link(parts, work)
+
+
+def folds_of(photos, k, seed=0):
+    """Stratified folds: [[(path, class)]], every class dealt round the k folds."""
+    folds = [[] for _ in range(k)]
+    for label, members in shuffled_classes(photos, seed):
+        for i, path in enumerate(members):
+            folds[i % k].append((path, label))
+    return folds
 
 
 def check_as_a_person(folder, truth_by_name):
@@ -68,6 +97,14 @@ def check_as_a_person(folder, truth_by_name):
             right = folder / sorting.class_folder(truth_by_name[rel.name])
             right.mkdir(exist_ok=True)
             shutil.move(folder / rel, right / rel.name)
+
+
+def right_in_folders(folder, truth_by_name):
+    """The share of the sorted photos whose class folder is now their true class."""
+    now = sorting.scan(folder)
+    return float(
+        np.mean([fm.CLASS_NAMES[label] == truth_by_name[rel.name] for rel, label in now.items()])
+    )
 
 
 def right_after_checking(probabilities, right, share):
@@ -86,19 +123,112 @@ def accuracy(model, folder, truth):
     return float(np.mean([truth[row["path"]] == row["class"] for row in rows]))
 
 
+def summary(curve, unsure):
+    """The figures of one sorted catalogue (or pooled ones) from [(probability, right)]."""
+    probabilities = np.array([p for p, _ in curve])
+    right = np.array([r for _, r in curve])
+    marked = probabilities < unsure
+    return {
+        "marked": float(marked.mean()),
+        "mistakes marked": float((~right & marked).sum() / max(1, (~right).sum())),
+        "right before": float(right.mean()),
+        "right after checking the unsure": float(np.mean(right | marked)),
+        **{
+            f"right after {s:.0%}": right_after_checking(probabilities, right, s)
+            for s in (0.1, 0.2, 0.3)
+        },
+    }
+
+
+def tune_and_sort(work, model, unsure):
+    """work/catalogue sorted into work/sorted by a model tuned on work/tuned; the CSV's rows."""
+    program("finetune", "--backbone", "mobilenet_v2", work / "tuned", "--holdout", "0",
+            "--out-dir", work / model)  # fmt: skip
+    program("predict", work / model / "model.keras", work / "catalogue", "--sort-into",
+            work / "sorted", "--unsure", unsure)  # fmt: skip
+    with open(work / "sorted" / sorting.CSV_NAME, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def sort_one_fold(folds, held, work, unsure):
+    """Fold held sorted by a model tuned on the other folds, its unsure folders checked."""
+    parts = link(
+        {
+            "catalogue": folds[held],
+            "tuned": [m for i, f in enumerate(folds) if i != held for m in f],
+        },
+        work,
+    )
+    rows = tune_and_sort(work, "m", unsure)
+    sorted_into = work / "sorted"
+    truth = parts["catalogue"]
+    by_name = {Path(p).name: c for p, c in truth.items()}
+    check_as_a_person(sorted_into, by_name)
+    probabilities = np.array([float(row["probability"]) for row in rows])
+    right = np.array([truth[row["path"]] == row["class"] for row in rows])
+    return {
+        "curve": [(float(p), bool(r)) for p, r in zip(probabilities, right)],
+        "right in the folders after checking": right_in_folders(sorted_into, by_name),
+    }
+
+
+def cross_validated(results):
+    """Per part: the largest P of GRID marking at most 25% of the other parts' photos."""
+    chosen = []
+    for held, result in enumerate(results):
+        others = [pr for i, r in enumerate(results) if i != held for pr in r["curve"]]
+        p_others = np.array([p for p, _ in others])
+        p = max([p for p in GRID if np.mean(p_others < p) <= 0.25], default=GRID[0])
+        mine = np.array([q for q, _ in result["curve"]])
+        right = np.array([r for _, r in result["curve"]])
+        chosen.append((p, float(np.mean(mine < p)), float(np.mean(right | (mine < p)))))
+    return chosen
+
+
+def cross_validated_sorting(photos, k, unsure, seed):
+    """--folds: every photo sorted once by a model that never saw it; pooled and per fold."""
+    folds = folds_of(photos, k, seed)
+    results = []
+    for held in range(k):
+        with tempfile.TemporaryDirectory() as work:
+            results.append(sort_one_fold(folds, held, Path(work), unsure))
+        shown = {**summary(results[-1]["curve"], unsure), **results[-1]}
+        del shown["curve"]
+        figures = ", ".join(f"{key} {value:.3f}" for key, value in shown.items())
+        print(f"fold {held} ({len(folds[held])} photos): {figures}", flush=True)
+    pooled = [point for result in results for point in result["curve"]]
+    print(f"\nall {len(pooled)} photos, each sorted by a model tuned on the other {k - 1} folds "
+          f"(folds dealt by seed {seed}), --unsure {unsure}:")  # fmt: skip
+    for key, value in summary(pooled, unsure).items():
+        print(f"| {key} | {value:.1%} |")
+    for p in GRID:
+        shown = summary(pooled, p)
+        print(f"  --unsure {p}: marked {shown['marked']:.1%}, mistakes marked "
+              f"{shown['mistakes marked']:.1%}, right after checking "
+              f"{shown['right after checking the unsure']:.1%}")  # fmt: skip
+    print("\ncross-validated --unsure: fold, P chosen on the other folds, marked, right after")
+    for held, (p, marked, right) in enumerate(cross_validated(results)):
+        print(f"  {held}: P {p}, marked {marked:.1%}, right after checking {right:.1%}")
+    return summary(pooled, unsure)
+
+
+def mean_and_range(results, title):
+    """One table row per figure: its mean (lowest-highest) over the results."""
+    print(f"\n{title}:")
+    for key in results[0]:
+        if key in ("curve", "photos", "corrected by the person"):
+            continue
+        values = [r[key] for r in results]
+        print(f"| {key} | {statistics.mean(values):.1%} ({min(values):.1%}-{max(values):.1%}) |")
+
+
 def one_seed(photos, seed, work, unsure):
     parts = split(photos, seed, work)
-    program("finetune", "--backbone", "mobilenet_v2", work / "tuned", "--holdout", "0",
-            "--out-dir", work / "m1")  # fmt: skip
+    rows = tune_and_sort(work, "m1", unsure)
     sorted_into = work / "sorted"
-    program("predict", work / "m1/model.keras", work / "catalogue", "--sort-into", sorted_into,
-            "--unsure", unsure)  # fmt: skip
-    with open(sorted_into / sorting.CSV_NAME, newline="") as file:
-        rows = list(csv.DictReader(file))
     truth = parts["catalogue"]
     probabilities = np.array([float(row["probability"]) for row in rows])
     right = np.array([truth[row["path"]] == row["class"] for row in rows])
-    marked = probabilities < unsure
     shutil.copytree(sorted_into, work / "unchecked", symlinks=True)
     check_as_a_person(sorted_into, {Path(p).name: c for p, c in truth.items()})
     program("finetune", "--backbone", "mobilenet_v2", sorted_into, "--holdout", "0",
@@ -124,43 +254,38 @@ def one_seed(photos, seed, work, unsure):
             ("tuned on both the photos before and the checked catalogue", "m3"),
         ]
     }
-    after = {
-        f"right after {s:.0%}": right_after_checking(probabilities, right, s)
-        for s in (0.1, 0.2, 0.3)
-    }
+    curve = [(float(p), bool(r)) for p, r in zip(probabilities, right)]
     return {
         "photos": len(rows),
-        "marked": float(marked.mean()),
-        "mistakes marked": float((~right & marked).sum() / max(1, (~right).sum())),
-        "right before": float(right.mean()),
-        "right after checking the unsure": float(np.mean(right | marked)),
-        **after,
+        **summary(curve, unsure),
         "corrected by the person": corrected,
         **new,
-        "curve": [(float(p), bool(r)) for p, r in zip(probabilities, right)],
+        "curve": curve,
     }
-
-
-def cross_validated(results):
-    """Per seed: the largest P of GRID marking at most 25% of the other seeds' photos."""
-    chosen = []
-    for held, result in enumerate(results):
-        others = [pr for i, r in enumerate(results) if i != held for pr in r["curve"]]
-        p_others = np.array([p for p, _ in others])
-        p = max([p for p in GRID if np.mean(p_others < p) <= 0.25], default=GRID[0])
-        mine = np.array([q for q, _ in result["curve"]])
-        right = np.array([r for _, r in result["curve"]])
-        chosen.append((p, float(np.mean(mine < p)), float(np.mean(right | (mine < p)))))
-    return chosen
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("photos", type=Path, help="labelled photos, a folder per class")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=5, help="0: no cross-validated sorting")
+    parser.add_argument("--repeats", type=int, default=1, help="of the folds, dealt anew")
+    parser.add_argument("--seeds", type=int, default=3, help="0: no loop of 40/40/20 splits")
     parser.add_argument("--unsure", type=float, default=sorting.UNSURE_BELOW)
     args = parser.parse_args()
+    if args.folds == 1:
+        parser.error("--folds: 0, or at least 2 (one fold has no others to tune on)")
     photos = folders.find_labelled_photos(args.photos)
+    if args.folds:
+        pooled = [
+            cross_validated_sorting(photos, args.folds, args.unsure, seed)
+            for seed in range(args.repeats)
+        ]
+        if args.repeats > 1:
+            mean_and_range(
+                pooled, f"pooled over the folds, mean (lowest-highest) of {args.repeats}"
+            )
+    if not args.seeds:
+        return
     results = []
     for seed in range(args.seeds):
         with tempfile.TemporaryDirectory() as work:
@@ -168,12 +293,11 @@ def main():
         shown = {k: v for k, v in results[-1].items() if k != "curve"}
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in shown.items()), flush=True)  # fmt: skip
-    print(f"\nmean (lowest-highest) over {args.seeds} seeds, --unsure {args.unsure}:")
-    for key in results[0]:
-        if key in ("curve", "photos", "corrected by the person"):
-            continue
-        values = [r[key] for r in results]
-        print(f"| {key} | {statistics.mean(values):.1%} ({min(values):.1%}-{max(values):.1%}) |")
+    mean_and_range(
+        results, f"mean (lowest-highest) over {args.seeds} seeds, --unsure {args.unsure}"
+    )
+    if args.seeds < 2:
+        return  # one seed has no others to choose its threshold on
     print("\ncross-validated --unsure: seed, P chosen on the other seeds, marked, right after")
     for seed, (p, marked, right) in enumerate(cross_validated(results)):
         print(f"  {seed}: P {p}, marked {marked:.1%}, right after checking {right:.1%}")

@@ -90,8 +90,8 @@ def parse_predict_args(argv):
         type=share_of_one(),
         metavar="P",
         help=f"with --sort-into: mark photos whose top probability is under P (default: "
-        f"{sorting.UNSURE_BELOW}: with a finetune --backbone model, a quarter to a third of "
-        "real shop photos, holding most of the mistakes)",
+        f"{sorting.UNSURE_BELOW}: with a finetune --backbone model, about a quarter of real "
+        "shop photos, holding four fifths of the mistakes)",
     )
     sort.add_argument(
         "--reclassify",
