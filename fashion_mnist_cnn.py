@@ -280,24 +280,29 @@ def start_tensorflow_quietly():
     return keras
 
 
+def download(url, file_hash, cache_subdir, offline):
+    """A file fetched once into the Keras cache, checked against its md5 or sha256 by get_file;
+    without internet, one line that says what to do instead (`offline`)."""
+    keras = start_tensorflow_quietly()
+    name = url.rpartition("/")[2]
+    try:
+        return Path(keras.utils.get_file(name, url, file_hash=file_hash, cache_subdir=cache_subdir))
+    except Exception as error:  # get_file raises bare Exceptions for network failures
+        raise UserError(
+            f"could not download {name} ({first_sentence(error)}). Without internet, {offline}"
+        ) from None
+
+
 def download_data_files():
     """Fetch the four official files into the Keras cache (once), checked against their md5."""
-    keras = start_tensorflow_quietly()
-    paths = {}
-    for name, (_, md5) in OFFICIAL_FILES.items():
-        try:
-            paths[name] = Path(
-                keras.utils.get_file(
-                    name, MIRROR + name, file_hash=md5, cache_subdir="datasets/fashion-mnist"
-                )
-            )
-        except Exception as error:  # get_file raises bare Exceptions for network failures
-            raise UserError(
-                f"could not download {name} ({first_sentence(error)}). Without internet, put "
-                "the four Fashion-MNIST files from https://github.com/zalandoresearch/"
-                "fashion-mnist in a folder and pass --data-dir FOLDER"
-            ) from None
-    return paths
+    offline = (
+        "put the four Fashion-MNIST files from https://github.com/zalandoresearch/"
+        "fashion-mnist in a folder and pass --data-dir FOLDER"
+    )
+    return {
+        name: download(MIRROR + name, md5, "datasets/fashion-mnist", offline)
+        for name, (_, md5) in OFFICIAL_FILES.items()
+    }
 
 
 def find_data_files(data_dir):
