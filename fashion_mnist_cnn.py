@@ -6,16 +6,18 @@
     python fashion_mnist_cnn.py finetune MODEL FOLDER  # adapt the model to your labelled photos
     python fashion_mnist_cnn.py export MODEL           # for TF Serving, phones, onnxruntime
 
-The run reads top to bottom: arguments -> data -> compute -> model -> train and evaluate ->
-figures -> save. TensorFlow is imported only once the arguments and the data have been checked,
-so that --help and mistakes are answered at once; that is why some functions import it themselves.
-predict, finetune and export live in the fashion_shop package beside this file.
+The story, in the order of this file: arguments -> load and scale the data -> build the CNN ->
+fit it with 20% held out -> test accuracy -> figures. Then the machinery a real run needs: where
+it computes (compute), and how a stopped run goes on (save and continue). TensorFlow is imported
+only once the arguments and the data have been checked, so that --help and mistakes are answered
+at once; that is why some functions import it themselves.
 """
 
 import argparse
 import contextlib
 import datetime
 import errno
+import functools
 import gc
 import gzip
 import hashlib
@@ -85,7 +87,7 @@ def first_sentence(error):
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments
+# Arguments: argparse types refuse a bad value with one line, before TensorFlow is imported.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -100,52 +102,44 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def positive_int(text):
-    value = int(text) if text.strip().lstrip("+").isdigit() else 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
-def share_of_one(zero_allowed=False):
-    """An argparse type for a share: above 0 (or from 0) and below 1."""
+def checked(convert, accept, expected):
+    """An argparse type: convert(text), kept where accept(value) holds, else one line."""
 
     def parse(text):
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            value = math.nan
-        if not (0 <= value < 1 if zero_allowed else 0 < value < 1):
-            expected = "from 0 to below 1" if zero_allowed else "between 0 and 1"
-            raise argparse.ArgumentTypeError(f"expected a number {expected}, got {text!r}")
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
 
 
-def seed_value(text):
-    # NumPy's seeding, which Keras' set_random_seed uses too, takes 0 to 2**32 - 1 only.
-    if not text.isdigit() or int(text) >= 2**32:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number from 0 to 2**32 - 1, got {text!r}"
-        )
-    return int(text)
+def digits(text):
+    return int(text) if text.isdigit() else None  # no signs, no spaces
 
 
-def sample_index(text):
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a test image index (0, 1, ...), got {text!r}")
-    return int(text)
+positive_int = checked(
+    lambda t: digits(t.strip().lstrip("+")), lambda n: n >= 1, "a whole number of at least 1"
+)
+# NumPy's seeding, which Keras' set_random_seed uses too, takes 0 to 2**32 - 1 only.
+seed_value = checked(digits, lambda n: n < 2**32, "a whole number from 0 to 2**32 - 1")
+sample_index = checked(digits, lambda n: True, "a test image index (0, 1, ...)")
+
+
+def share_of_one(zero_allowed=False):
+    """An argparse type for a share: above 0 (or from 0) and below 1."""
+    if zero_allowed:
+        return checked(float, lambda x: 0 <= x < 1, "a number from 0 to below 1")
+    return checked(float, lambda x: 0 < x < 1, "a number between 0 and 1")
 
 
 def add_run_folder_options(parser, what="the model, metrics and figures", suffix=""):
     """--out-dir, and --overwrite or --resume: alike for training and fine-tuning."""
-    parser.add_argument(
-        "--out-dir",
-        type=Path,
-        default=None,
-        help=f"where {what} go (default: a new runs/<timestamp>{suffix}/)",
-    )
+    where = f"where {what} go (default: a new runs/<timestamp>{suffix}/)"
+    parser.add_argument("--out-dir", type=Path, default=None, help=where)
     either = parser.add_mutually_exclusive_group()
     either.add_argument(
         "--overwrite",
@@ -153,11 +147,8 @@ def add_run_folder_options(parser, what="the model, metrics and figures", suffix
         help="start over in an --out-dir that holds a run, finished or not (without it, an "
         "unfinished run there is continued)",
     )
-    either.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the newest unfinished run under runs/, or --out-dir's",
-    )
+    newest = "continue the newest unfinished run under runs/, or --out-dir's"
+    either.add_argument("--resume", action="store_true", help=newest)
 
 
 def parse_train_args(argv):
@@ -171,21 +162,13 @@ def parse_train_args(argv):
         formatter_class=HelpFormatter,
     )
     recipe = parser.add_argument_group("the recipe")
+    epochs = f"training epochs (default: {EPOCHS}; {AUGMENT_EPOCHS} with --augment)"
+    recipe.add_argument("--epochs", type=positive_int, help=epochs)
+    batch = f"batch size (default: {BATCH_SIZE}; {IMPROVED_BATCH_SIZE} with --arch improved)"
+    recipe.add_argument("--batch-size", type=positive_int, help=batch)
+    held_out = "share of the training set held out (at random) to validate each epoch"
     recipe.add_argument(
-        "--epochs",
-        type=positive_int,
-        help=f"training epochs (default: {EPOCHS}; {AUGMENT_EPOCHS} with --augment)",
-    )
-    recipe.add_argument(
-        "--batch-size",
-        type=positive_int,
-        help=f"batch size (default: {BATCH_SIZE}; {IMPROVED_BATCH_SIZE} with --arch improved)",
-    )
-    recipe.add_argument(
-        "--validation-split",
-        type=share_of_one(),
-        default=VALIDATION_SPLIT,
-        help="share of the training set held out (at random) to validate each epoch",
+        "--validation-split", type=share_of_one(), default=VALIDATION_SPLIT, help=held_out
     )
     recipe.add_argument("--seed", type=seed_value, default=SEED, help="random seed, so runs repeat")
     recipe.add_argument(
@@ -204,29 +187,18 @@ def parse_train_args(argv):
         "model each photo both ways",
     )
     files = parser.add_argument_group("files")
-    files.add_argument(
-        "--data-dir",
-        type=Path,
-        help="read the four Fashion-MNIST IDX files (.gz or not) from DIR instead of "
-        "downloading them into the Keras cache",
-    )
+    from_dir = "read the four Fashion-MNIST IDX files (.gz or not) from DIR instead of "
+    files.add_argument("--data-dir", type=Path, help=from_dir + "downloading them to the cache")
     add_run_folder_options(files)
+    shown = "test images to show in predictions.png"
     files.add_argument(
-        "--samples",
-        type=sample_index,
-        nargs="+",
-        default=SAMPLES,
-        metavar="INDEX",
-        help="test images to show in predictions.png",
+        "--samples", type=sample_index, nargs="+", default=SAMPLES, metavar="INDEX", help=shown
     )
     files.add_argument("--no-show", action="store_true", help="never open a figure window")
     compute = parser.add_argument_group("compute")
-    compute.add_argument(
-        "--precision",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="auto: bfloat16 mixed precision where the CPU computes bf16 natively, else float32",
-    )
+    native = "auto: bfloat16 mixed precision where the CPU computes bf16 natively, else float32"
+    precisions = ["auto", "float32", "bfloat16"]
+    compute.add_argument("--precision", choices=precisions, default="auto", help=native)
     compute.add_argument(
         "--no-split",
         action="store_true",
@@ -242,7 +214,8 @@ def parse_train_args(argv):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# Data: the four official files, downloaded once and checked, or read from --data-dir; then
+# the held-out split, and batches scaled to [0, 1] as they are needed.
 
 
 @contextlib.contextmanager
@@ -312,8 +285,7 @@ def find_data_files(data_dir):
         raise UserError(f"--data-dir {data_dir}: {problem}")
     paths = {}
     for name in OFFICIAL_FILES:
-        candidates = [data_dir / name, data_dir / name.removesuffix(".gz")]
-        found = [path for path in candidates if path.is_file()]
+        found = [p for p in (data_dir / name, data_dir / name.removesuffix(".gz")) if p.is_file()]
         if not found:
             raise UserError(f"--data-dir {data_dir}: {name} is missing (gzipped or not)")
         paths[name] = found[0]
@@ -335,46 +307,35 @@ def is_official(path, name):
 
 
 def read_idx(path, magic):
-    """Read an IDX file (gzipped or raw) into a uint8 array, checking header against payload."""
-    what = "image" if magic == IDX_IMAGES else "label"
-    gzipped = False
+    """Read an IDX file (gzipped or raw) into a uint8 array, checking header against payload.
+    Read whole, so that a lying header never makes us allocate memory the file cannot fill."""
+    what, gzipped = ("image" if magic == IDX_IMAGES else "label"), False
     try:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
         with (gzip.open if gzipped else open)(path, "rb") as f:
-            header = f.read(4)
-            if len(header) < 4 or int.from_bytes(header, "big") != magic:
-                raise UserError(
-                    f"{path}: not an IDX {what} file (magic {header.hex() or 'missing'}, "
-                    f"expected {magic:08x})"
-                )
-            ndim = header[3]
-            raw_dims = f.read(4 * ndim)
-            if len(raw_dims) < 4 * ndim:
-                raise UserError(f"{path}: truncated IDX header")
-            dims = tuple(int.from_bytes(raw_dims[i : i + 4], "big") for i in range(0, 4 * ndim, 4))
-            if magic == IDX_IMAGES and dims[1:] != (28, 28):
-                raise UserError(f"{path}: images are {dims[1]}x{dims[2]} pixels, not 28x28")
-            # Read in chunks up to what the header promises (plus one byte to notice extra
-            # data), so a lying header never makes us allocate memory the file cannot fill.
-            expected = math.prod(dims)
-            payload = bytearray()
-            while len(payload) <= expected:
-                chunk = f.read(min(1 << 20, expected + 1 - len(payload)))
-                if not chunk:
-                    break
-                payload += chunk
+            data = f.read()
     except (OSError, EOFError, zlib.error) as error:
         reason = "not a valid gzip file" if gzipped else "could not be read"
         raise UserError(f"{path}: {reason} ({error})") from None
-    if len(payload) != expected:
-        problem = "is truncated" if len(payload) < expected else "has bytes past the end"
+    if len(data) < 4 or int.from_bytes(data[:4], "big") != magic:
+        found = data[:4].hex() or "missing"
+        raise UserError(f"{path}: not an IDX {what} file (magic {found}, expected {magic:08x})")
+    start = 4 + 4 * data[3]  # the header: magic, then one 4-byte size per dimension
+    if len(data) < start:
+        raise UserError(f"{path}: truncated IDX header")
+    dims = tuple(np.frombuffer(data[4:start], ">u4").tolist())
+    if magic == IDX_IMAGES and dims[1:] != (28, 28):
+        raise UserError(f"{path}: images are {dims[1]}x{dims[2]} pixels, not 28x28")
+    expected = math.prod(dims)
+    if len(data) - start != expected:
+        problem = "is truncated" if len(data) - start < expected else "has bytes past the end"
         raise UserError(
             f"{path}: {problem}: its header promises {dims[0]:,} {what}s ({expected:,} bytes)"
         )
     if dims[0] == 0:
         raise UserError(f"{path}: holds no {what}s")
-    return np.frombuffer(payload, np.uint8).reshape(dims)
+    return np.frombuffer(data, np.uint8, offset=start).reshape(dims)
 
 
 def load_fashion_mnist(data_dir=None):
@@ -389,10 +350,8 @@ def load_fashion_mnist(data_dir=None):
         labels_path = paths[f"{split}-labels-idx1-ubyte.gz"]
         images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
         if len(images) != len(labels):
-            raise UserError(
-                f"{images_path} holds {len(images):,} images but {labels_path} "
-                f"{len(labels):,} labels"
-            )
+            counts = f"{len(images):,} images but {labels_path} {len(labels):,} labels"
+            raise UserError(f"{images_path} holds {counts}")
         if labels.max() > 9:
             raise UserError(f"{labels_path}: label {labels.max()} found, labels must be 0-9")
         splits.append((images, labels))
@@ -464,161 +423,6 @@ def batches(images, labels, batch_size, indices=None, epoch_key=None, halves=Fal
 
 
 # ----------------------------------------------------------------------------------------------
-# Compute: where the model runs and how. Every such choice is made here, from the devices and the
-# CPU's features; the run's header line shows them and metrics.json records them with reasons.
-
-# ONEDNN_MAX_CPU_ISA values that keep oneDNN from AVX-512, or from its bf16 instructions.
-BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
-BELOW_BF16 = BELOW_AVX512 | {"AVX512_CORE", "AVX512_CORE_VNNI"}
-
-
-def cpu_info(text=None, machine=None):
-    """The CPU's model name and feature flags, less those that ONEDNN_MAX_CPU_ISA forbids
-    oneDNN (so ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512 CPU compute, and choose, as AVX2).
-    text is /proc/cpuinfo's (read when None), machine platform.machine()'s: both can be faked."""
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            text = ""  # macOS, Windows
-    machine = platform.machine() if machine is None else machine
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = set(fields.get("flags", fields.get("Features", "")).split())  # x86's, Arm's
-    if machine.lower() in ("arm64", "aarch64"):
-        flags.add("asimd")  # NEON, which every 64-bit Arm CPU has; macOS has no cpuinfo to say so
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if cap in BELOW_AVX512:
-        flags = {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
-    if cap in BELOW_BF16:
-        flags -= {"avx512_bf16", "amx_bf16"}
-    return fields.get("model name", machine or "unknown CPU"), flags
-
-
-def cpu_class(flags):
-    """The class of CPU that decides which kernels run fastest."""
-    if "asimd" in flags:
-        return "Arm with bf16" if "bf16" in flags else "Arm"
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX-512 with bf16"
-    if "avx512f" in flags:
-        return "AVX-512"
-    if "avx2" in flags:
-        return "AVX2"
-    return "older than AVX2" if flags else "features unknown"
-
-
-def cpu_cores():
-    """The cores this process may use (os.cpu_count() where affinity is unknown, or 1)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def choose_onednn(flags, bfloat16=False):
-    """Turn on TensorFlow's oneDNN kernels wherever the CPU has AVX2 (TensorFlow does only from
-    AVX-512), but not for bf16 below AVX-512, where only TensorFlow's own kernels have bf16
-    convolutions. Must run before TensorFlow is imported; TF_ENABLE_ONEDNN_OPTS still wins."""
-    if "avx2" in flags:
-        below_avx512 = bfloat16 and "avx512f" not in flags
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0" if below_avx512 else "1")
-
-
-def onednn_setting():
-    return {"1": "on", "0": "off"}.get(os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "TF's default")
-
-
-def find_gpus():
-    """The GPUs TensorFlow will compute on: name and compute capability of each."""
-    import tensorflow as tf
-
-    gpus = []
-    for gpu in tf.config.list_physical_devices("GPU"):
-        details = tf.config.experimental.get_device_details(gpu)
-        gpus.append(
-            {
-                "name": details.get("device_name", gpu.name),
-                "compute_capability": tuple(details.get("compute_capability", (0, 0))),
-            }
-        )
-    return gpus
-
-
-def native_bf16(gpus, flags):
-    """Does this machine compute bf16 natively: its first GPU (from compute capability 8.0) or,
-    without one, its CPU (AVX512_BF16 or AMX)?"""
-    if gpus:
-        return gpus[0]["compute_capability"] >= (8, 0)
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
-
-
-def split_rule(args, n_fit, n_held_out, cores):
-    """Can each batch run as two halves side by side on the CPU, with the same results? Only on
-    2 cores (where it was measured to pay), for the classic model (BatchNorm needs the whole
-    batch) and with no batch of one image (oneDNN refuses the empty half)."""
-    rules = [
-        (args.no_split, "--no-split"),
-        (cores != 2, f"{cores} core(s), and halves are measured to pay on 2"),
-        (args.arch != "seed", "--arch improved (BatchNorm needs the whole batch)"),
-        (args.batch_size < 2, "batches of one image"),
-        (n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1, "a batch of one image"),
-    ]
-    reasons = [reason for applies, reason in rules if applies]
-    if reasons:
-        return False, "whole batches: " + reasons[0]
-    return True, "2 cores, the classic model: two halves side by side, the same results"
-
-
-def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
-    """Where to train and how: device, precision, batches whole or in halves, threads, and
-    under "why" the reason for each. gpus as find_gpus() returns them, cpu as cpu_info()."""
-    model_name, flags = cpu
-    native = native_bf16(gpus, flags)
-    if gpus:  # without a distribution strategy, TensorFlow computes on the first GPU
-        capability = gpus[0]["compute_capability"]
-        device = f"GPU ({gpus[0]['name']})"
-        why_precision = f"compute capability {capability[0]}.{capability[1]}: bf16 is " + (
-            "native" if native else "native only from 8.0, so float32"
-        )
-        split, why_split = False, "on a GPU a whole batch is one kernel per layer already"
-        threads, why_threads = None, "TensorFlow's own on a GPU"
-    else:
-        device = f"CPU ({model_name}, {cpu_class(flags)}, {cores} cores)"
-        why_precision = "the CPU " + (
-            "computes bf16 natively" if native else "has no native bf16, so float32"
-        )
-        split, why_split = split_rule(args, n_fit, n_held_out, cores)
-        threads = {"intra_op": cores // 2, "inter_op": 2} if split else None
-        why_threads = "half the cores for each half" if split else "TensorFlow's own"
-    precision = args.precision
-    if precision == "auto":
-        precision = "bfloat16" if native else "float32"
-    else:
-        why_precision = f"--precision {precision}"
-    return {
-        "device": device,
-        "precision": precision,
-        "split_batches": split,
-        "threads": threads,
-        "onednn": onednn,
-        "why": {"precision": why_precision, "split_batches": why_split, "threads": why_threads},
-    }
-
-
-def apply_threads(threads):
-    """Set TensorFlow's thread pools before its first operation; TF_NUM_INTRAOP_THREADS and
-    TF_NUM_INTEROP_THREADS set by the user still win."""
-    import tensorflow as tf
-
-    if threads and "TF_NUM_INTRAOP_THREADS" not in os.environ:
-        tf.config.threading.set_intra_op_parallelism_threads(threads["intra_op"])
-    if threads and "TF_NUM_INTEROP_THREADS" not in os.environ:
-        tf.config.threading.set_inter_op_parallelism_threads(threads["inter_op"])
-
-
-# ----------------------------------------------------------------------------------------------
 # Model
 
 
@@ -663,12 +467,8 @@ MIRRORED = "_mirrored"
 
 def compile_model(model, optimizer, steps_per_execution=1):
     """The recipe's loss and metric, for every model the program trains."""
-    model.compile(
-        optimizer=optimizer,
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        steps_per_execution=steps_per_execution,
-    )
+    loss = "sparse_categorical_crossentropy"
+    model.compile(optimizer, loss, metrics=["accuracy"], steps_per_execution=steps_per_execution)
     return model
 
 
@@ -721,7 +521,6 @@ def in_halves(model):
 # ----------------------------------------------------------------------------------------------
 # Train and evaluate
 
-
 # Signals that stop training gracefully: Ctrl-C, and the SIGTERM of schedulers, `timeout` and
 # container stops.
 STOP_SIGNALS = {signal.SIGINT: "Interrupted", signal.SIGTERM: "Terminated"}
@@ -751,13 +550,8 @@ def stop_gracefully(model=None, then="finishing this step, then saving", file=No
 
 
 def new_progress():
-    return {
-        "epochs_completed": 0,
-        "history": {},
-        "train_seconds": 0.0,
-        "backup_seconds": 0.0,
-        "continued_from_epoch": None,
-    }
+    counters = {"train_seconds": 0.0, "backup_seconds": 0.0, "continued_from_epoch": None}
+    return {"epochs_completed": 0, "history": {}} | counters
 
 
 def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, back_up=None):
@@ -772,6 +566,7 @@ def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, ba
     one_epoch = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True)
     )
+    log = out_dir / "history.csv"
     with stop_gracefully(model) as state:
         for epoch in range(progress["epochs_completed"], epochs):
             if state["signal"]:  # it came while the last epoch was backed up
@@ -785,10 +580,7 @@ def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, ba
                 shuffle=False,  # each epoch's batches come in their own order already
                 # A progress bar for people, one line per epoch for logs and pipes.
                 verbose=1 if sys.stdout.isatty() else 2,
-                callbacks=[
-                    one_epoch,
-                    keras.callbacks.CSVLogger(out_dir / "history.csv", append=True),
-                ],
+                callbacks=[one_epoch, keras.callbacks.CSVLogger(log, append=True)],
             ).history
             progress["train_seconds"] += time.perf_counter() - start
             for key, values in history.items():
@@ -846,7 +638,7 @@ def print_results(results):
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures
+# Figures: what the model learned, for people.
 
 
 def use_windows(show):
@@ -854,10 +646,9 @@ def use_windows(show):
     matplotlib draws into files only (Agg), which works on servers and in CI."""
     import matplotlib
 
-    if sys.platform in ("win32", "darwin"):
-        display = True
-    else:
-        display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    display = sys.platform in ("win32", "darwin") or any(
+        os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY")
+    )
     if not (show and display):
         matplotlib.use("Agg")
     return show and display
@@ -868,30 +659,20 @@ def plot_predictions(images, labels, probabilities):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
-    fig, axes = plt.subplots(
-        len(images),
-        2,
-        figsize=(10, 3 * len(images) + 0.8),
-        squeeze=False,
-        gridspec_kw={"width_ratios": [1, 1.6]},
-    )
-    for row, (image, label, probs) in zip(axes, zip(images, labels, probabilities)):
+    size, ratios = (10, 3 * len(images) + 0.8), {"width_ratios": [1, 1.6]}
+    fig, axes = plt.subplots(len(images), 2, figsize=size, squeeze=False, gridspec_kw=ratios)
+    for (picture, bars), image, label, probs in zip(axes, images, labels, probabilities):
         predicted = int(np.argmax(probs))
         colour = "tab:green" if predicted == label else "tab:red"
-        row[0].imshow(image, cmap="binary")
-        row[0].set_xticks([])
-        row[0].set_yticks([])
-        row[0].set_title(
-            f"Predicted: {CLASS_NAMES[predicted]} ({probs[predicted]:.1%})\n"
-            f"True: {CLASS_NAMES[label]}",
-            color=colour,
-        )
-        bars = row[1].barh(range(10), probs, color="lightgrey")
-        bars[predicted].set_color(colour)
-        row[1].set_yticks(range(10), CLASS_NAMES)
-        row[1].invert_yaxis()
-        row[1].set_xlim(0, 1)
-        row[1].xaxis.set_major_formatter(PercentFormatter(1.0))
+        picture.imshow(image, cmap="binary")
+        picture.set(xticks=[], yticks=[])
+        title = f"Predicted: {CLASS_NAMES[predicted]} ({probs[predicted]:.1%})\n"
+        picture.set_title(title + f"True: {CLASS_NAMES[label]}", color=colour)
+        bars.barh(range(10), probs, color="lightgrey")[predicted].set_color(colour)
+        bars.set_yticks(range(10), CLASS_NAMES)
+        bars.invert_yaxis()
+        bars.set_xlim(0, 1)
+        bars.xaxis.set_major_formatter(PercentFormatter(1.0))
     fig.suptitle("Predictions on test images (green: right, red: wrong)")
     fig.tight_layout()
     return fig
@@ -911,19 +692,15 @@ def plot_mistakes(images, labels, probabilities, count=16):
 
     predicted = probabilities.argmax(axis=1)
     worst = most_confident_mistakes(labels, probabilities)[:count]
-    columns = 4
-    rows = max(1, math.ceil(len(worst) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(10, 2.9 * rows + 0.6), squeeze=False)
+    rows = max(1, math.ceil(len(worst) / 4))
+    fig, axes = plt.subplots(rows, 4, figsize=(10, 2.9 * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, worst):
         ax.imshow(images[index], cmap="binary")
-        ax.set_title(
-            f"#{index}: {CLASS_NAMES[predicted[index]]} "
-            f"{probabilities[index, predicted[index]]:.0%}\ntrue: {CLASS_NAMES[labels[index]]}",
-            fontsize=9,
-            color="tab:red",
-        )
+        guess = f"{CLASS_NAMES[predicted[index]]} {probabilities[index, predicted[index]]:.0%}"
+        title = f"#{index}: {guess}\ntrue: {CLASS_NAMES[labels[index]]}"
+        ax.set_title(title, fontsize=9, color="tab:red")
     title = "Most confident mistakes on the test set: predicted (confidence), true class"
     fig.suptitle(title if len(worst) else "No mistakes on the test set")
     fig.tight_layout()
@@ -939,8 +716,7 @@ def plot_training_curves(history):
         ax.plot(epochs, history[metric], "o-", label="training")
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], "o-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(metric.capitalize())
+        ax.set(xlabel="epoch", title=metric.capitalize())
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -954,25 +730,171 @@ def plot_confusion_matrix(confusion):
 
     fig, ax = plt.subplots(figsize=(8, 7))
     ax.imshow(confusion, cmap="Blues")
-    threshold = confusion.max() / 2
     for (true, predicted), count in np.ndenumerate(confusion):
-        colour = "white" if count > threshold else "black"
+        colour = "white" if count > confusion.max() / 2 else "black"
         ax.text(predicted, true, count, ha="center", va="center", color=colour, fontsize=8)
     ax.set_xticks(range(10), CLASS_NAMES, rotation=45, ha="right")
     ax.set_yticks(range(10), CLASS_NAMES)
-    ax.set_xlabel("Predicted class")
-    ax.set_ylabel("True class")
-    ax.set_title(f"Confusion matrix on the test set ({confusion.sum():,} images)")
+    title = f"Confusion matrix on the test set ({confusion.sum():,} images)"
+    ax.set(xlabel="Predicted class", ylabel="True class", title=title)
     fig.tight_layout()
     return fig
 
 
 # ----------------------------------------------------------------------------------------------
-# Save and continue: every file is written whole or not at all. A run stopped by anything
-# (kill -9, the OOM killer, a preempted machine) goes on from its last completed epoch when
-# started again: backup/ holds, from the start and after each epoch, the weights with Adam's
-# state, the random state and the history so far; state.json names the weights file and is
-# replaced last, so a kill at any instant leaves the previous backup or the new one.
+# Compute: where the model runs and how, chosen from the devices and the CPU's features; the
+# run's header line shows the choices and metrics.json records them with their reasons.
+
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN from AVX-512, or from its bf16 instructions.
+BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+BELOW_BF16 = BELOW_AVX512 | {"AVX512_CORE", "AVX512_CORE_VNNI"}
+# A CPU's class, which decides the fastest kernels: the first whose flags it has all of.
+CPU_CLASSES = [
+    ({"asimd", "bf16"}, "Arm with bf16"),
+    ({"asimd"}, "Arm"),
+    ({"amx_bf16"}, "AMX"),
+    ({"avx512_bf16"}, "AVX-512 with bf16"),
+    ({"avx512f"}, "AVX-512"),
+    ({"avx2"}, "AVX2"),
+]
+
+
+def cpu_info(text=None, machine=None):
+    """The CPU's model name and feature flags, less those that ONEDNN_MAX_CPU_ISA forbids
+    oneDNN (so ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512 CPU compute, and choose, as AVX2).
+    text is /proc/cpuinfo's (read when None), machine platform.machine()'s: both can be faked."""
+    if text is None:
+        cpuinfo = Path("/proc/cpuinfo")
+        text = cpuinfo.read_text() if cpuinfo.is_file() else ""  # none on macOS, Windows
+    machine = platform.machine() if machine is None else machine
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", fields.get("Features", "")).split())  # x86's, Arm's
+    if machine.lower() in ("arm64", "aarch64"):
+        flags.add("asimd")  # NEON, which every 64-bit Arm CPU has; macOS has no cpuinfo to say so
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap in BELOW_AVX512:
+        flags = {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
+    if cap in BELOW_BF16:
+        flags -= {"avx512_bf16", "amx_bf16"}
+    return fields.get("model name", machine or "unknown CPU"), flags
+
+
+def cpu_class(flags):
+    found = [name for needed, name in CPU_CLASSES if needed <= flags]
+    return found[0] if found else ("older than AVX2" if flags else "features unknown")
+
+
+def cpu_cores():
+    """The cores this process may use (os.cpu_count() where affinity is unknown, or 1)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def choose_onednn(flags, bfloat16=False):
+    """Turn on TensorFlow's oneDNN kernels wherever the CPU has AVX2 (TensorFlow does only from
+    AVX-512), but not for bf16 below AVX-512, where only TensorFlow's own kernels have bf16
+    convolutions. Must run before TensorFlow is imported; TF_ENABLE_ONEDNN_OPTS still wins."""
+    if "avx2" in flags:
+        below_avx512 = bfloat16 and "avx512f" not in flags
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0" if below_avx512 else "1")
+
+
+def onednn_setting():
+    return {"1": "on", "0": "off"}.get(os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "TF's default")
+
+
+def find_gpus():
+    """The GPUs TensorFlow will compute on: name and compute capability of each."""
+    import tensorflow as tf
+
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capability = tuple(details.get("compute_capability", (0, 0)))
+        gpus.append(
+            {"name": details.get("device_name", gpu.name), "compute_capability": capability}
+        )
+    return gpus
+
+
+def native_bf16(gpus, flags):
+    """Does this machine compute bf16 natively: its first GPU (from compute capability 8.0) or,
+    without one, its CPU (AVX512_BF16 or AMX)?"""
+    if gpus:
+        return gpus[0]["compute_capability"] >= (8, 0)
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def whole_batch_reasons(args, n_fit, n_held_out, cores):
+    """Why each batch must run whole on a CPU rather than as two halves side by side (in_halves):
+    halves were measured to pay on 2 cores only, BatchNorm needs the whole batch, and oneDNN
+    refuses the empty half of a batch of one image."""
+    rules = [
+        (args.no_split, "--no-split"),
+        (cores != 2, f"{cores} core(s), and halves are measured to pay on 2"),
+        (args.arch != "seed", "--arch improved (BatchNorm needs the whole batch)"),
+        (args.batch_size < 2, "batches of one image"),
+        (n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1, "a batch of one image"),
+    ]
+    return ["whole batches: " + reason for applies, reason in rules if applies]
+
+
+def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
+    """Where to train and how: device, precision, batches whole or in halves, threads, and
+    under "why" the reason for each. gpus as find_gpus() returns them, cpu as cpu_info()."""
+    model_name, flags = cpu
+    native = native_bf16(gpus, flags)
+    if gpus:  # without a distribution strategy, TensorFlow computes on the first GPU
+        major, minor = gpus[0]["compute_capability"]
+        device = f"GPU ({gpus[0]['name']})"
+        bf16 = "native" if native else "native only from 8.0, so float32"
+        why_precision = f"compute capability {major}.{minor}: bf16 is {bf16}"
+        whole = ["on a GPU a whole batch is one kernel per layer already"]
+    else:
+        device = f"CPU ({model_name}, {cpu_class(flags)}, {cores} cores)"
+        bf16 = "computes bf16 natively" if native else "has no native bf16, so float32"
+        why_precision = f"the CPU {bf16}"
+        whole = whole_batch_reasons(args, n_fit, n_held_out, cores)
+    precision = "bfloat16" if native else "float32"
+    if args.precision != "auto":
+        precision, why_precision = args.precision, f"--precision {args.precision}"
+    halves = "2 cores, the classic model: two halves side by side, the same results"
+    return {
+        "device": device,
+        "precision": precision,
+        "split_batches": not whole,
+        "threads": None if whole else {"intra_op": cores // 2, "inter_op": 2},
+        "onednn": onednn,
+        "why": {
+            "precision": why_precision,
+            "split_batches": whole[0] if whole else halves,
+            "threads": "half the cores for each half"
+            if not whole
+            else "TensorFlow's own" + " on a GPU" * bool(gpus),
+        },
+    }
+
+
+def apply_threads(threads):
+    """Set TensorFlow's thread pools before its first operation; TF_NUM_INTRAOP_THREADS and
+    TF_NUM_INTEROP_THREADS set by the user still win."""
+    import tensorflow as tf
+
+    if threads and "TF_NUM_INTRAOP_THREADS" not in os.environ:
+        tf.config.threading.set_intra_op_parallelism_threads(threads["intra_op"])
+    if threads and "TF_NUM_INTEROP_THREADS" not in os.environ:
+        tf.config.threading.set_inter_op_parallelism_threads(threads["inter_op"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and continue: every file is written whole or not at all, and a run stopped by anything
+# (kill -9, the OOM killer, a preempted machine) goes on from its last completed epoch to an
+# unbroken run's numbers. backup/ holds, from the start and after each epoch, the weights with
+# Adam's state, the Dropout layers' random state and the history; state.json names the weights
+# file and is replaced last. By hand: Keras' BackupAndRestore leaves out the random state and
+# checks nothing it reads back.
 
 BACKUP_FORMAT = 1  # what backup/ holds; a backup in another format is refused
 
@@ -1000,13 +922,12 @@ def save_figure(fig, path):
 
 
 def save_figures(out_dir, history, results, x_test, y_test, samples):
-    save_figure(
-        plot_predictions(x_test[samples], y_test[samples], results["probabilities"][samples]),
-        out_dir / "predictions.png",
-    )
+    probabilities = results["probabilities"]
+    predictions = plot_predictions(x_test[samples], y_test[samples], probabilities[samples])
+    save_figure(predictions, out_dir / "predictions.png")
     save_figure(plot_training_curves(history), out_dir / "training_curves.png")
     save_figure(plot_confusion_matrix(results["confusion"]), out_dir / "confusion_matrix.png")
-    save_figure(plot_mistakes(x_test, y_test, results["probabilities"]), out_dir / "mistakes.png")
+    save_figure(plot_mistakes(x_test, y_test, probabilities), out_dir / "mistakes.png")
 
 
 def fingerprint(*arrays):
@@ -1043,6 +964,19 @@ def newest_unfinished_run(command):
     return max(found, key=lambda path: path.stat().st_mtime).parent.parent
 
 
+def check_out_dir(out_dir):
+    """Refuse an --out-dir that cannot be written before any heavy work, making nothing."""
+    if out_dir is None:
+        return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir}: a file, not a folder")
+    nearest = next(folder for folder in (out_dir, *out_dir.parents) if folder.exists())
+    try:
+        tempfile.TemporaryFile(dir=nearest).close()
+    except OSError as error:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({error.strerror})") from None
+
+
 def prepare_out_dir(out_dir, overwrite, suffix="", resume=False, command="training"):
     """Create the run folder, or find the one to continue (read_backup checks it): a default
     one is new per run, so no run overwrites another; --resume takes the newest unfinished."""
@@ -1065,8 +999,7 @@ def prepare_out_dir(out_dir, overwrite, suffix="", resume=False, command="traini
             f"--out-dir {out_dir} holds a model.keras that this run would replace; give another "
             "--out-dir, or --overwrite to replace it"
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir}: a file, not a folder")
+    check_out_dir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -1107,10 +1040,12 @@ def read_backup(out_dir, command, options, epochs):
             continue
         if isinstance(value, bool):
             was = f"{'with' if started else 'without'} {name}"
-        elif name.startswith("--"):
-            was = f"with {name} {started}, not {value}"
         else:
-            was = f"from another {name}"
+            was = (
+                f"with {name} {started}, not {value}"
+                if name.startswith("--")
+                else f"from another {name}"
+            )
         raise UserError(
             f"{out_dir} was started {was}: continue it with the same options, or start over "
             "with --overwrite"
@@ -1256,6 +1191,7 @@ def finish_run(run, model, progress, stop_signal, results, details, saved):
 def run_training(args):
     """Load and scale Fashion-MNIST, build the CNN, fit it with 20% held out, print the test
     accuracy, plot two predictions, and save."""
+    check_out_dir(args.out_dir)  # before the download: a mistake is answered at once
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(args.data_dir)
     fit, held_out = split_validation(len(x_train), args.validation_split, args.seed)
     if max(args.samples) >= len(x_test):
@@ -1272,8 +1208,9 @@ def run_training(args):
     show = use_windows(not args.no_show)
 
     keras = start_tensorflow_quietly()
+    cpu, gpus = cpu_info(), find_gpus()
     compute = choose_compute(
-        args, len(fit), len(held_out), find_gpus(), cpu_info(), cpu_cores(), onednn_setting()
+        args, len(fit), len(held_out), gpus, cpu, cpu_cores(), onednn_setting()
     )
     apply_threads(compute["threads"])
     keras.utils.set_random_seed(args.seed)  # Python, NumPy and TensorFlow in one go
@@ -1289,39 +1226,26 @@ def run_training(args):
     )
 
     x_train = keras.ops.convert_to_tensor(x_train)  # one copy, shared by both pipelines
-    progress, stop_signal = train_run(
-        model,
-        run,
-        lambda epoch: batches(
-            x_train,
-            y_train,
-            args.batch_size,
-            fit,
-            epoch_key=(args.seed, epoch),
-            halves=split,
-            augment=args.augment,
-        ),
-        batches(x_train, y_train, EVAL_BATCH_SIZE, held_out, halves=split),
-        args.epochs,
-        halves=split,
-    )
+    fit_batches = functools.partial(batches, x_train, y_train, args.batch_size, fit, halves=split)
+
+    def epoch_data(epoch):  # drawn from the seed and the epoch alone, so a run can continue
+        return fit_batches(epoch_key=(args.seed, epoch), augment=args.augment)
+
+    validation = batches(x_train, y_train, EVAL_BATCH_SIZE, held_out, halves=split)
+    progress, stop_signal = train_run(model, run, epoch_data, validation, args.epochs, split)
     results = evaluate(model, batches(x_test, y_test, EVAL_BATCH_SIZE), y_test)
     print_results(results)
 
     save_figures(run.out_dir, progress["history"], results, x_test, y_test, args.samples)
-    code = finish_run(
-        run,
-        model,
-        progress,
-        stop_signal,
-        {key: results[key] for key in ("test_accuracy", "test_loss", "per_class_accuracy")},
-        {
-            "config": vars(args)
-            | {"precision": precision, "split_batches": split, "keras": keras.__version__},
-            "compute": compute,
-        },
-        "model.keras, metrics.json, history.csv and figures",
-    )
+    config = vars(args) | {
+        "precision": precision,
+        "split_batches": split,
+        "keras": keras.__version__,
+    }
+    scores = {key: results[key] for key in ("test_accuracy", "test_loss", "per_class_accuracy")}
+    saved = "model.keras, metrics.json, history.csv and figures"
+    details = {"config": config, "compute": compute}
+    code = finish_run(run, model, progress, stop_signal, scores, details, saved)
     if show and code == 0:
         import matplotlib.pyplot as plt
 
@@ -1372,12 +1296,9 @@ def main(argv=None):
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        # Every file is written whole or not at all: the same command continues once there
-        # is room.
-        print(
-            "error: the disk is full; free some space and run the same command again: it continues",
-            file=sys.stderr,
-        )
+        # Every file is written whole or not at all: the same command continues once there is room.
+        full = "the disk is full; free some space and run the same command again: it continues"
+        print(f"error: {full}", file=sys.stderr)
         return 1
 
 
