@@ -41,8 +41,14 @@ def one_by_one(features, labels, seed, epochs, learning_rate):
             batch_size=fm.BATCH_SIZE, epochs=epochs, verbose=0,
         )  # fmt: skip
         held_out = folds == fold
-        logits[held_out] = backbone.head_logits(head, features[:n][held_out])
+        logits[held_out] = head_logits(head, features[:n][held_out])
     return logits
+
+
+def head_logits(head, features):
+    """The new layer's scores before its softmax (dropout is off when it classifies)."""
+    kernel, bias = head.layers[-1].get_weights()
+    return features @ kernel + bias
 
 
 def calibration_error(probabilities, labels, bins=10):
@@ -95,7 +101,7 @@ def main():
             batches = backbone.feature_batches(features, np.tile(labels[tune], 2), seed, epoch)
             trained.fit(batches, shuffle=False, verbose=0)
         held = backbone.photo_features(model, images[held_out])[: len(held_out)]
-        logits = backbone.head_logits(trained, held)
+        logits = head_logits(trained, held)
         errors = {
             f"T={t:.2f}": calibration_error(softmax(logits / t), labels[held_out])
             for t in [1.0, *temperatures.values()]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fashion_mnist_cnn import BATCH_SIZE, UserError, first_sentence
+from fashion_mnist_cnn import BATCH_SIZE, download
+from fashion_shop.folders import each_class_shuffled
 from fashion_shop.models import scale_pixels
 from fashion_shop.photos import COLOUR_SIZE
 
@@ -37,20 +38,11 @@ TEMPERATURES = np.geomspace(0.25, 4.0, 121)  # the temperatures tried, 2.3% apar
 
 def backbone_weights(name):
     """The ImageNet weights file, downloaded once into the Keras cache and checked."""
-    import keras
-
     _, _, file, sha256 = BACKBONES[name]
-    file_name = file.rpartition("/")[2]
-    try:
-        return keras.utils.get_file(
-            file_name, KERAS_APPLICATIONS + file, file_hash=sha256, cache_subdir="models"
-        )
-    except Exception as error:  # get_file raises bare Exceptions for network failures
-        cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-        raise UserError(
-            f"could not download {file_name} ({first_sentence(error)}). Without internet, put "
-            f"that file (from {KERAS_APPLICATIONS + file}) in {cache}/"
-        ) from None
+    url = KERAS_APPLICATIONS + file
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    offline = f"put that file (from {url}) in {cache}/"
+    return str(download(url, sha256, "models", offline))
 
 
 def build_transfer_model(name):
@@ -110,18 +102,10 @@ def feature_batches(features, labels, seed, epoch):
     return tf.data.Dataset.from_tensor_slices((features[order], labels[order])).batch(BATCH_SIZE)
 
 
-def head_logits(head, features):
-    """The new layer's scores before its softmax (dropout is off when it classifies)."""
-    kernel, bias = head.layers[-1].get_weights()
-    return features @ kernel + bias
-
-
 def calibration_folds(labels, seed):
     """Each photo's fold, class by class in turn, so that every fold holds every class."""
     folds = np.empty(len(labels), int)
-    rng = np.random.default_rng(seed)
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
+    for _, members in each_class_shuffled(labels, seed):
         folds[members] = np.arange(len(members)) % CALIBRATION_FOLDS
     return folds
 

@@ -277,6 +277,7 @@ def partial_folder(out_dir):
 
 def put_in_place(partial, out_dir):
     """partial becomes out_dir, an earlier export there replaced; a failure puts it back."""
+    # Not atomic_path: a rename cannot replace a folder holding files, so the old one steps aside.
     refuse_other_files(out_dir)  # again: a person may have put a file there meanwhile
     old = partial.with_name(partial.name.replace(".partial-", ".old-"))
     if out_dir.exists():

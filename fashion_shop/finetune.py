@@ -43,7 +43,7 @@ from fashion_shop.backbone import (
     photo_features,
 )
 from fashion_shop.catalogue import read_rows_done
-from fashion_shop.folders import find_labelled_photos, prepare_photos
+from fashion_shop.folders import each_class_shuffled, find_labelled_photos, prepare_photos
 from fashion_shop.models import TUNED_NAME, class_probabilities, kind_of, load_trained_model
 from fashion_shop.predict import PREDICT_BATCH
 
@@ -108,10 +108,8 @@ def hold_out_photos(labels, holdout, seed):
     class, unlike training's split_validation: a shop's classes may have a few photos each."""
     if holdout == 0:
         return np.arange(len(labels)), np.array([], int)
-    rng = np.random.default_rng(seed)
     tune, held_out = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
+    for label, members in each_class_shuffled(labels, seed):
         if len(members) < 2:
             raise UserError(
                 f"too few photos for the hold-out: {CLASS_NAMES[label]} has "

@@ -19,6 +19,18 @@ def folder_names(name):
     return {word for key in keys for word in (key, key + ("es" if key.endswith("s") else "s"))}
 
 
+# Every folder name that means a class, as a key -> that class's index.
+FOLDER_CLASSES = {
+    key: index for index, name in enumerate(CLASS_NAMES) for key in folder_names(name)
+}
+
+
+def folder_class(name):
+    """The class index a folder's name means, or None: the one reading of class folders, for
+    finetune and for predict --sort-into's catalogue alike."""
+    return FOLDER_CLASSES.get(class_key(name))
+
+
 # What predict --sort-into writes beside the class folders it fills.
 CSV_NAME, PAGE_NAME = "predictions.csv", "index.html"
 CATALOGUE_FILES = {CSV_NAME, PAGE_NAME}
@@ -32,7 +44,6 @@ def find_labelled_photos(folder, sorted_catalogue=False):
     if not folder.is_dir():
         problem = "not a folder" if folder.exists() else "no such folder"
         raise UserError(f"{folder}: {problem}")
-    classes = {word: index for index, name in enumerate(CLASS_NAMES) for word in folder_names(name)}
     entries = sorted(
         p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in own_files
     )
@@ -46,7 +57,8 @@ def find_labelled_photos(folder, sorted_catalogue=False):
         )
     photos = []
     for subfolder in entries:
-        if class_key(subfolder.name) not in classes:
+        label = folder_class(subfolder.name)
+        if label is None:
             raise UserError(
                 f"{subfolder}: names no class; the class folders are (case, spaces, "
                 f"punctuation and plurals ignored): {', '.join(CLASS_NAMES)}"
@@ -62,7 +74,7 @@ def find_labelled_photos(folder, sorted_catalogue=False):
             )
         if not files and not sorted_catalogue:
             raise UserError(f"{subfolder}: no PNG or JPEG photos in this class folder")
-        photos += [(path, classes[class_key(subfolder.name)]) for path in files]
+        photos += [(path, label) for path in files]
     return photos
 
 
@@ -72,3 +84,11 @@ def prepare_photos(paths, photos):
         return np.stack([PREPARATIONS[photos](path) for path in paths])
     except PhotoError as error:
         raise UserError(str(error)) from None
+
+
+def each_class_shuffled(labels, seed):
+    """(label, its photos' indices in an order drawn from the seed) for each class present, in
+    turn: how finetune splits labelled photos so that every part holds every class."""
+    rng = np.random.default_rng(seed)
+    for label in np.unique(labels):
+        yield label, rng.permutation(np.flatnonzero(labels == label))

@@ -1,19 +1,21 @@
 """Product photos, prepared as each kind of model was trained on its images.
 
-Imports neither TensorFlow nor the training script: the processes that prepare a catalogue's
-photos import only this module. How each step was chosen: benchmarks/README.md.
+Imports no TensorFlow: the processes that prepare a catalogue's photos import only this module
+(and from the training script, which imports NumPy alone, its file writer). How each step was
+chosen: benchmarks/README.md.
 """
 
 import errno
 import functools
 import hashlib
 import math
-import os
 import signal
 import warnings
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+from fashion_mnist_cnn import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 COLOUR_SIZE = 224  # the colour photos' side: the input the ImageNet weights were made for
@@ -317,9 +319,8 @@ def save_thumbnail(picture, path):
     """A small JPEG of the decoded photo, written whole or not at all."""
     small = picture.copy()
     small.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX)
-    partial = path.with_name(f".{path.name}.partial")
-    small.save(partial, "JPEG", quality=80)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        small.save(partial, "JPEG", quality=80)
 
 
 def prepare_chunk(paths, photos, thumbnails=None):

@@ -10,8 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fashion_mnist_cnn import CLASS_NAMES, UserError
-from fashion_shop.folders import CSV_NAME, PAGE_NAME, class_key, folder_names  # noqa: F401 (DIR's names)
+from fashion_mnist_cnn import CLASS_NAMES, UserError, atomic_path
+from fashion_shop.folders import CSV_NAME, PAGE_NAME, folder_class  # noqa: F401 (DIR's names)
 from fashion_shop.photos import IMAGE_SUFFIXES
 
 # A subfolder rather than a mark in the file name: file managers list folders before files,
@@ -48,15 +48,15 @@ def is_sorted_catalogue(folder):
 def scan(folder):
     """Every photo in the class folders as they are now, wherever a person moved it and in
     whatever class folder they made: path relative to folder -> class index."""
-    classes = {word: index for index, name in enumerate(CLASS_NAMES) for word in folder_names(name)}
     found = {}
     for sub in sorted(folder.iterdir()):
-        if sub.name.startswith(".") or not sub.is_dir() or class_key(sub.name) not in classes:
+        label = folder_class(sub.name)
+        if sub.name.startswith(".") or not sub.is_dir() or label is None:
             continue
         for path in sorted(sub.rglob("*")):
             photo = path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
             if photo and (path.is_file() or path.is_symlink()):
-                found[path.relative_to(folder)] = classes[class_key(sub.name)]
+                found[path.relative_to(folder)] = label
     return found
 
 
@@ -200,13 +200,12 @@ class Sorter:
 def copy_exclusively(source, destination):
     """A copy of source at destination, which is claimed first (never a file that is there),
     and filled from a hidden copy, so that it is never seen half written."""
+    # Claimed with O_EXCL first: atomic_path's rename alone would replace a file put there.
     os.close(os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    partial = destination.with_name(f".{destination.name}.partial")
     try:
-        shutil.copy2(source, partial)
-        os.replace(partial, destination)
+        with atomic_path(destination) as partial:
+            shutil.copy2(source, partial)
     except BaseException:
-        partial.unlink(missing_ok=True)
         destination.unlink(missing_ok=True)
         raise
 
