@@ -6,6 +6,7 @@ import csv
 import io
 import sys
 import time
+from typing import NamedTuple
 
 from fashion_mnist_cnn import CLASS_NAMES, UserError, atomic_path
 
@@ -17,17 +18,67 @@ FILE_NAME_BYTES = "surrogateescape"
 PROGRESS_EVERY = 10  # seconds between progress lines when stderr is not a terminal
 
 
-def csv_row(result):
-    top = result.get("top3", [])
-    sorted_as = [result["sorted_as"]] if "sorted_as" in result else []
-    return [
+class Row(NamedTuple):
+    """A photo's row of the CSV, its numbers as the CSV keeps them: what predict answered, or
+    why the photo could not be read."""
+
+    path: str
+    answer: str  # the class column: the likeliest class ("" for a photo not read)
+    probability: float | None  # its probability, to 4 decimals (None for a photo not read)
+    top3: tuple  # ((class, probability), ...) likeliest first, to 0.1%; () for a photo not read
+    error: str = ""
+    sorted_as: str = ""  # with --sort-into: where the photo went, relative to DIR ("" nowhere)
+
+    def columns(self):
+        """The row as the CSV's columns, by name."""
+        return {
+            "path": self.path,
+            "class": self.answer,
+            "probability": "" if self.probability is None else f"{self.probability:.4f}",
+            "top3": "; ".join(f"{name} {probability:.1%}" for name, probability in self.top3),
+            "error": self.error,
+            "sorted_as": self.sorted_as,
+        }
+
+
+def result_row(result):
+    """A result's row, its numbers rounded as the CSV keeps them (so that the row read back
+    from the CSV is equal)."""
+    top = [(answer["class"], answer["probability"]) for answer in result.get("top3", [])]
+    return Row(
         result["image"],
-        top[0]["class"] if top else "",
-        f"{top[0]['probability']:.4f}" if top else "",
-        "; ".join(f"{c['class']} {c['probability']:.1%}" for c in top),
+        top[0][0] if top else "",
+        round(top[0][1], 4) if top else None,
+        tuple((name, round(probability * 100, 1) / 100) for name, probability in top),
         result.get("error", ""),
-        *sorted_as,
-    ]
+        result.get("sorted_as", ""),
+    )
+
+
+def parse_row(header, fields):
+    """The row of a CSV line's fields, or None where they are not a whole row (a line cut short
+    by a stop, or edited): a class with its probability, or an error."""
+    if len(fields) != len(header):
+        return None
+    columns = dict(zip(header, fields))
+    answered = columns["class"] in CLASS_NAMES and is_probability(columns["probability"])
+    if not ((answered and not columns["error"]) or (columns["class"] == "" and columns["error"])):
+        return None
+    try:
+        top3 = tuple(shown_answer(shown) for shown in columns["top3"].split("; ") if shown)
+    except ValueError:
+        return None
+    probability = float(columns["probability"]) if answered else None
+    sorted_as = columns.get("sorted_as", "")
+    return Row(columns["path"], columns["class"], probability, top3, columns["error"], sorted_as)
+
+
+def shown_answer(shown):
+    """("Ankle boot", 0.031) from the top3 column's "Ankle boot 3.1%"."""
+    name, _, percent = shown.rpartition(" ")
+    if not percent.endswith("%"):
+        raise ValueError(shown)
+    return name, float(percent[:-1]) / 100
 
 
 def read_rows_done(path, paths, sorted_into=None):
@@ -59,26 +110,24 @@ def read_rows_done(path, paths, sorted_into=None):
     rows_end = data.rfind(b"\n") + 1  # a row cut off after its last newline is left out
     try:
         text = data[:rows_end].decode(errors=FILE_NAME_BYTES)
-        rows = list(csv.reader(io.StringIO(text, newline="")))
+        lines = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as error:
         refuse(f"is damaged ({error})")
-    if rows[:1] != [header]:
+    if lines[:1] != [header]:
         refuse("was not written by predict (its first line is not " + ",".join(header) + ")")
-    rows, wanted, seen = rows[1:], {str(p) for p in paths}, set()
-    for number, row in enumerate(rows, start=2):
-        whole = len(row) == len(header) and (
-            (row[1] in CLASS_NAMES and not row[4] and is_probability(row[2]))
-            or (row[1] == "" and row[4])
-        )  # a class and its probability, or an error
-        if not whole:
+    rows, wanted, seen = [], {str(p) for p in paths}, set()
+    for number, fields in enumerate(lines[1:], start=2):
+        row = parse_row(header, fields)
+        if row is None:
             refuse(f"is damaged at line {number}")
-        if row[0] not in wanted and not sorted_into:
-            refuse(f"lists {row[0]}, which is not among the photos given: it is another run's")
-        if row[0] in seen and not sorted_into:
-            refuse(f"lists {row[0]} twice")
-        seen.add(row[0])
+        if row.path not in wanted and not sorted_into:
+            refuse(f"lists {row.path}, which is not among the photos given: it is another run's")
+        if row.path in seen and not sorted_into:
+            refuse(f"lists {row.path} twice")
+        seen.add(row.path)
+        rows.append(row)
     if sorted_into:
-        rows = list({row[0]: row for row in rows}.values())
+        rows = list({row.path: row for row in rows}.values())
     return rows, rows_end
 
 
@@ -95,7 +144,9 @@ def rewrite(path, header, rows):
         atomic_path(path) as partial,
         partial.open("w", newline="", encoding="utf-8", errors=FILE_NAME_BYTES) as file,
     ):
-        csv.writer(file).writerows([header, *rows])
+        writer = csv.DictWriter(file, header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(row.columns() for row in rows)
     return path.stat().st_size
 
 
@@ -131,11 +182,11 @@ def predictions_csv(path, resume_from=None, header=CSV_HEADER):
             file = path.open("w", newline="", encoding="utf-8", errors=FILE_NAME_BYTES)
     except OSError as error:
         raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
-    writer = csv.writer(file)
+    writer = csv.DictWriter(file, header, extrasaction="ignore")
 
-    def write_rows(rows):
+    def flushed(write, *rows):
         try:
-            writer.writerows(rows)
+            write(*rows)
             file.flush()
         except OSError as error:  # the disk is full, say: the rows written so far stay whole
             raise UserError(
@@ -145,8 +196,8 @@ def predictions_csv(path, resume_from=None, header=CSV_HEADER):
 
     try:
         if not resume_from:
-            write_rows([header])
-        yield write_rows
+            flushed(writer.writeheader)
+        yield lambda rows: flushed(writer.writerows, (row.columns() for row in rows))
     finally:
         with contextlib.suppress(OSError):  # what could not be written has been reported
             file.close()

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -191,70 +192,104 @@ def print_result(result, each_line):
     return 0
 
 
-def classify_catalogue(model, prepared, args, rows_bytes, each_line, progress, sorter=None):
-    """Classify the prepared photos a batch at a time, writing each batch's rows to --csv and
+class Catalogue(NamedTuple):
+    """Where predict's answers go and what is done already: read once, before any work."""
+
+    csv: Path | None  # --csv FILE, or DIR's CSV with --sort-into
+    sort_into: Path | None
+    unsure_below: float  # with --sort-into: photos under this top probability are marked
+    json: bool  # the results printed as JSON at the end
+    rows: list  # the rows done: a stopped run's (--resume), or a sorted folder's, each photo's last
+    rows_bytes: int  # the bytes of the CSV that hold them, kept (0: the CSV is new)
+    again: set  # the photos sorted already that are classified once more (--reclassify)
+
+    @property
+    def each_line(self):
+        """A line per photo on stdout, as without a CSV or JSON."""
+        return not (self.json or self.csv)
+
+
+class Outcome(NamedTuple):
+    """What classify_catalogue did."""
+
+    results: list  # kept for --json only
+    done: int  # photos classified, those that could not be read included
+    errors: int  # photos that could not be read
+    stop_signal: int | None  # the signal that stopped the run, if one did
+    rows: list  # the rows written, kept with --sort-into for the review page
+
+
+def read_catalogue(args, paths):
+    """The Catalogue of this run, its --csv and --sort-into checked: one that cannot be
+    continued is refused here, before the photos are prepared or TensorFlow loads."""
+    rows, rows_bytes, again = [], 0, set()
+    csv_path = args.csv
+    if args.sort_into:
+        sorting.open_folder(args.sort_into)
+        csv_path = args.csv or args.sort_into / sorting.CSV_NAME
+        rows, rows_bytes = catalogue.read_rows_done(csv_path, paths, sorted_into=args.sort_into)
+        given = {str(path) for path in paths}
+        # Classified again, a photo gets a new row after its old one: the last one counts.
+        again = {row.path for row in rows if row.path in given} if args.reclassify else set()
+    elif args.csv and args.resume:
+        rows, rows_bytes = catalogue.read_rows_done(args.csv, paths)
+    elif args.csv:
+        catalogue.refuse_to_replace_other_files(args.csv)
+    return Catalogue(csv_path, args.sort_into, args.unsure, args.json, rows, rows_bytes, again)
+
+
+def classify_catalogue(model, prepared, state, progress):
+    """Classify the prepared photos a batch at a time, writing each batch's rows to the CSV and
     printing its lines as it is done, until the last batch or a stop signal (which lets the
-    batch under way finish); with a sorter, each photo is put in its class folder before its
-    row is written. Returns the results (kept for --json only), the photos done, how many of
-    them could not be read, and the signal that stopped it, if any."""
-    results, done, errors = [], 0, 0
-    header = catalogue.SORTED_HEADER if sorter else catalogue.CSV_HEADER
+    batch under way finish); with --sort-into, each photo is put in its class folder before its
+    row is written."""
+    results, rows, done, errors = [], [], 0, 0
+    sorter = None
+    if state.sort_into:
+        sorter = sorting.Sorter(state.sort_into, state.unsure_below, state.rows, state.again)
     write = contextlib.nullcontext()
-    if args.csv:
-        write = catalogue.predictions_csv(args.csv, rows_bytes, header)
+    if state.csv:
+        header = catalogue.SORTED_HEADER if sorter else catalogue.CSV_HEADER
+        write = catalogue.predictions_csv(state.csv, state.rows_bytes, header)
     stopping = stop_gracefully(then="finishing this batch, then stopping", file=sys.stderr)
-    with write as write_rows, stopping as state:
+    with write as write_rows, stopping as stop:
         for batch in classify_batches(model, prepared):
             for result in batch if sorter else []:
                 result["sorted_as"] = sorter.place(result)
+            batch_rows = [catalogue.result_row(result) for result in batch]
             if write_rows:
-                write_rows(catalogue.csv_row(result) for result in batch)
-            errors += sum(print_result(result, each_line) for result in batch)
-            results += batch if args.json else []
+                write_rows(batch_rows)
+            errors += sum(print_result(result, state.each_line) for result in batch)
+            results += batch if state.json else []
+            rows += batch_rows if sorter else []
             done += len(batch)
             if progress:
                 progress(done)
-            if state["signal"]:
+            if stop["signal"]:
                 break
-    return results, done, errors, state["signal"]
+    return Outcome(results, done, errors, stop["signal"], rows)
 
 
-def rows_before(args, paths):
-    """The CSV's rows already done and the bytes that hold them: a stopped run's with --resume,
-    a --sort-into folder's always; and the sorted photos to classify again (--reclassify)."""
-    if not args.sort_into:
-        if args.csv and not args.resume:
-            catalogue.refuse_to_replace_other_files(args.csv)
-        return (
-            (*catalogue.read_rows_done(args.csv, paths), set()) if args.resume else ([], 0, set())
-        )
-    sorting.open_folder(args.sort_into)
-    args.csv = args.csv or args.sort_into / sorting.CSV_NAME
-    rows, rows_bytes = catalogue.read_rows_done(args.csv, paths, sorted_into=args.sort_into)
-    given = {str(path) for path in paths}
-    # Classified again, a photo gets a new row after its old one: the last one counts.
-    again = {row[0] for row in rows if row[0] in given} if args.reclassify else set()
-    return rows, rows_bytes, again
-
-
-def finish_sorting(folder, csv_path, unsure_below, compact=False):
-    """The review page written from the whole CSV and the class folders as they are now; with
-    compact, the CSV rewritten with each photo's last row only (after --reclassify)."""
-    rows, _ = catalogue.read_rows_done(csv_path, [], sorted_into=folder)
-    if compact:
-        catalogue.rewrite(csv_path, catalogue.SORTED_HEADER, rows)
-    files = sorting.scan(folder)
-    review_page.write_page(folder, rows, files, unsure_below)
+def finish_sorting(state, outcome):
+    """The review page written from every row, the sorted folder's and this run's, and the
+    class folders as they are now; after --reclassify, the CSV rewritten with each photo's last
+    row only."""
+    rows = list({row.path: row for row in [*state.rows, *outcome.rows]}.values())
+    if state.again and outcome.stop_signal is None:
+        catalogue.rewrite(state.csv, catalogue.SORTED_HEADER, rows)
+    files = sorting.scan(state.sort_into)
+    review_page.write_page(state.sort_into, rows, files, state.unsure_below)
     to_check = sum(sorting.UNSURE in rel.parts[1:-1] for rel in files)
     print(
-        f"Sorted into {folder}/: {len(files):,} photos, {to_check:,} to check (in the "
-        f"{sorting.UNSURE} folders); review page {folder / sorting.PAGE_NAME}"
+        f"Sorted into {state.sort_into}/: {len(files):,} photos, {to_check:,} to check (in the "
+        f"{sorting.UNSURE} folders); review page {state.sort_into / sorting.PAGE_NAME}"
     )
 
 
 def main(argv):
-    """photos -> prepared on every core while TensorFlow loads -> classified a batch at a time
-    -> rows written (and photos sorted) and progress shown as they are done -> a summary."""
+    """outputs checked -> photos prepared on every core while TensorFlow loads ->
+    classified a batch at a time -> rows written (and photos sorted) and progress shown as they
+    are done -> a summary."""
     args = parse_predict_args(argv)
     start = time.perf_counter()
     paths = photos.find_images(args.paths)
@@ -262,12 +297,11 @@ def main(argv):
         inside = args.sort_into.absolute()
         paths = [path.absolute() for path in paths]
         paths = [path for path in paths if not path.is_relative_to(inside)]
-    rows, rows_bytes, again = rows_before(args, paths)
-    done_before = {row[0] for row in rows} - again
+    state = read_catalogue(args, paths)
+    done_before = {row.path for row in state.rows} - state.again
     todo = [path for path in paths if str(path) not in done_before]
-    each_line = not (args.json or args.csv)  # a line per photo on stdout, as without a CSV
     on_terminal = sys.stderr.isatty()
-    quiet = each_line and on_terminal and sys.stdout.isatty()  # the lines show the progress
+    quiet = state.each_line and on_terminal and sys.stdout.isatty()  # the lines show progress
     declared = declared_kind(args.model) or Kind("fashion-mnist", mirrored=False)
     thumbnails = args.sort_into / sorting.THUMBNAILS if args.sort_into else None
     with preparing(todo, declared, thumbnails) as prepared:
@@ -275,34 +309,30 @@ def main(argv):
         model = load_trained_model(args.model)
         if kind_of(model).photos != declared.photos:
             raise UserError(f"{args.model}: its config and its model disagree on the input")
-        sorter = None
-        if args.sort_into:
-            sorter = sorting.Sorter(args.sort_into, args.unsure, rows, again)
         progress = None
         if todo and not quiet:
             progress = catalogue.show_progress(len(todo), on_terminal, start)
-        results, done, errors, stop_signal = classify_catalogue(
-            model, prepared, args, rows_bytes, each_line, progress, sorter
-        )
+        outcome = classify_catalogue(model, prepared, state, progress)
     seconds = time.perf_counter() - start
-    if args.json:
-        print(json.dumps(results, indent=2))
-    elif args.csv:
-        before = f"; {len(rows):,} were in it already" if rows else ""
+    done, errors = outcome.done, outcome.errors
+    if state.json:
+        print(json.dumps(outcome.results, indent=2))
+    elif state.csv:
+        before = f"; {len(state.rows):,} were in it already" if state.rows else ""
         print(
             f"Classified {done - errors:,} of {done:,} photos in {seconds:.1f} s "
             f"({catalogue.per_second(done, seconds)}), {errors:,} could not be read; "
-            f"rows in {args.csv}{before}"
+            f"rows in {state.csv}{before}"
         )
-    if args.sort_into:
-        finish_sorting(args.sort_into, args.csv, args.unsure, compact=again and not stop_signal)
-    if stop_signal:
+    if state.sort_into:
+        finish_sorting(state, outcome)
+    if outcome.stop_signal:
         line = f"Stopped after {done:,} of {len(todo):,} photos"
-        if args.sort_into:
+        if state.sort_into:
             line += ": the photos so far are sorted; the same command sorts the rest"
-        elif args.csv:
-            line += f": rows so far are in {args.csv}; add --resume to classify the rest"
+        elif state.csv:
+            line += f": rows so far are in {state.csv}; add --resume to classify the rest"
         print(f"{line}.", file=sys.stderr)
-        return 128 + stop_signal
+        return 128 + outcome.stop_signal
     given = {str(path) for path in paths}
-    return 1 if errors or any(row[4] for row in rows if row[0] in given) else 0
+    return 1 if errors or any(row.error for row in state.rows if row.path in given) else 0

@@ -46,11 +46,16 @@ def link(path):
 def entries(rows, files):
     """Each photo in the class folders now, with what predict answered for it (None for a
     photo a person put there): (class index, path, row), least sure first in each class."""
-    answers = {row[0]: row for row in rows}
+    answers = {row.path: row for row in rows}
     now, others = match(rows, files)
     found = [(files[rel], rel, answers[photo]) for photo, rel in now.items() if rel is not None]
     found += [(files[rel], rel, None) for rel in others]
-    return sorted(found, key=lambda e: (e[0], float(e[2][2]) if e[2] else 2.0, str(e[1])))
+    return sorted(found, key=lambda e: (e[0], e[2].probability if e[2] else 2.0, str(e[1])))
+
+
+def is_corrected(label, row):
+    """Whether a person moved the photo to another class folder than predict's answer."""
+    return row is not None and row.answer != CLASS_NAMES[label]
 
 
 def curve_points(probabilities, right):
@@ -68,7 +73,9 @@ def curve_points(probabilities, right):
 def figure(photos):
     """An SVG of the share of the catalogue right against the share checked, least sure first:
     expected from the model's own probabilities, and from the corrections where there are."""
-    answered = [(float(row[2]), row[1], CLASS_NAMES[label]) for label, _, row in photos if row]
+    answered = [
+        (row.probability, row.answer, CLASS_NAMES[label]) for label, _, row in photos if row
+    ]
     if not answered:
         return ""
     probabilities = [p for p, _, _ in answered]
@@ -121,18 +128,20 @@ def figure(photos):
 def photo_html(folder, label, rel, row):
     """One photo, in the folder of class `label` now: its thumbnail (or the photo itself), name,
     predict's class and probability, and the runner-up."""
-    thumbnail = Path(THUMBNAILS, thumbnail_name(row[0])) if row else None
+    thumbnail = Path(THUMBNAILS, thumbnail_name(row.path)) if row else None
     source = thumbnail if thumbnail and (folder / thumbnail).is_file() else rel
     unsure = UNSURE in Path(rel).parts[1:-1]
-    corrected = row is not None and row[1] != CLASS_NAMES[label]
+    corrected = is_corrected(label, row)
     if row is None:
         caption, probability = "put here by a person", ""
     else:
-        top = row[3].split("; ")
-        runner_up = f"<br>then {html.escape(top[1])}" if len(top) > 1 else ""
+        runner_up = ""
+        if len(row.top3) > 1:
+            name, chance = row.top3[1]
+            runner_up = f"<br>then {html.escape(name)} {chance:.1%}"
         said = "corrected from " if corrected else ""
-        caption = f"{said}{html.escape(row[1])} {float(row[2]):.0%}{runner_up}"
-        probability = f' data-probability="{row[2]}"'
+        caption = f"{said}{html.escape(row.answer)} {row.probability:.0%}{runner_up}"
+        probability = f' data-probability="{row.probability:.4f}"'
     kinds = " ".join(["photo", *["unsure"] * unsure, *["corrected"] * corrected])
     mark = '<span class="mark">check</span> ' if unsure else ""
     return (
@@ -146,7 +155,7 @@ def write_page(folder, rows, files, unsure_below):
     """Write folder/index.html, whole, from the CSV's rows and the class folders as they are."""
     photos = entries(rows, files)
     to_check = sum(UNSURE in Path(rel).parts[1:-1] for _, rel, _ in photos)
-    corrected = sum(row is not None and row[1] != CLASS_NAMES[label] for label, _, row in photos)
+    corrected = sum(is_corrected(label, row) for label, _, row in photos)
     count_rows, sections = [], []
     for label, name in enumerate(CLASS_NAMES):
         mine = [(rel, row) for index, rel, row in photos if index == label]

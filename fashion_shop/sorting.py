@@ -64,7 +64,7 @@ def match(rows, files):
     """Each sorted row's photo as it is now: {row's photo: its path now, or None if a person
     removed it}, and the files no row accounts for (a person's own, or a stopped run's). A
     photo is where the row says, or else the one file of its name that no row is at."""
-    at = {Path(row[5]): row[0] for row in rows if row[5]}
+    at = {Path(row.sorted_as): row.path for row in rows if row.sorted_as}
     by_name = {}
     for rel in files:
         if rel not in at:
@@ -97,8 +97,8 @@ class Sorter:
         files = scan(folder)
         self.where_now, unclaimed = match(rows, files)
         self.again = set(again)  # the photos classified once more (--reclassify)
-        self.sorted_as = {row[0]: Path(row[5]) for row in rows if row[5]}
-        self.names_in_use = {rel.name for rel in files} | {Path(row[5]).name for row in rows}
+        self.sorted_as = {row.path: Path(row.sorted_as) for row in rows if row.sorted_as}
+        self.names_in_use = {rel.name for rel in files} | {Path(row.sorted_as).name for row in rows}
         self.leftovers = {}  # files no row accounts for, by name: perhaps a stopped run's links
         for rel in unclaimed:
             self.leftovers.setdefault(rel.name, []).append(rel)
@@ -212,7 +212,7 @@ def copy_exclusively(source, destination):
 
 def corrections(rows, files):
     """How many sorted photos a person moved to another class than predict's answer."""
-    answers = {row[0]: row[1] for row in rows}
+    answers = {row.path: row.answer for row in rows}
     now, _ = match(rows, files)
     return sum(
         rel is not None and CLASS_NAMES[files[rel]] != answers[photo] for photo, rel in now.items()

@@ -126,6 +126,16 @@ def test_the_page_itself_counts_every_class_least_sure_first(sorted_folder):
         assert probabilities == sorted(probabilities) and len(photos) == counts[name], name
 
 
+def test_each_photo_shows_the_class_probability_and_runner_up_of_its_row(sorted_folder):
+    text = (sorted_folder / sorting.PAGE_NAME).read_text()
+    with open(sorted_folder / sorting.CSV_NAME, newline="") as file:
+        rows = list(csv.DictReader(file))
+    for row in rows:
+        runner_up = row["top3"].split("; ")[1]
+        said = f"{row['class']} {float(row['probability']):.0%}<br>then {runner_up}</figcaption>"
+        assert said in text  # (no class name holds a character HTML escapes)
+
+
 def test_the_page_loads_nothing_from_elsewhere(sorted_folder):
     text = (sorted_folder / sorting.PAGE_NAME).read_text()
     assert "http://" not in text and "https://" not in text and "<link" not in text

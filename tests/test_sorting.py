@@ -297,8 +297,14 @@ def test_finetune_learns_from_the_corrected_folders_and_counts_the_corrections(
 
 def test_the_csv_of_a_sorted_folder_keeps_earlier_runs_photos(tmp_path):
     table = tmp_path / "predictions.csv"
-    row = ["/elsewhere/a.jpg", "Bag", "0.9000", "Bag 90.0%", "", "Bag/a.jpg"]
+    row = catalogue.Row(
+        "/elsewhere/a.jpg", "Bag", 0.9, (("Bag", 0.9), ("Coat", 0.05)), "", "Bag/a.jpg"
+    )
     catalogue.rewrite(table, catalogue.SORTED_HEADER, [row])
+    assert (
+        table.read_text().splitlines()[1]
+        == "/elsewhere/a.jpg,Bag,0.9000,Bag 90.0%; Coat 5.0%,,Bag/a.jpg"
+    )
     rows, _ = catalogue.read_rows_done(table, [Path("/new/b.jpg")], sorted_into=tmp_path)
     assert rows == [row]
 
