@@ -3,8 +3,11 @@ the progress shown meanwhile."""
 
 import contextlib
 import csv
+import errno
 import io
+import os
 import sys
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -166,6 +169,20 @@ def refuse_to_replace_other_files(path):
             f"--csv {path}: not a CSV written by predict, so it is left as it is; give another "
             "--csv, or remove that file first"
         )
+
+
+def refuse_unwritable(path):
+    """--csv refused in one line, before any work, where it cannot be written; nothing is
+    changed (a device such as /dev/null, or a pipe, is tried once it is written)."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if path.is_file():
+            os.close(os.open(path, os.O_WRONLY))  # opened, not emptied
+        elif not path.exists():
+            tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        raise UserError(f"--csv {path}: cannot write there ({error.strerror})") from None
 
 
 @contextlib.contextmanager

@@ -23,7 +23,13 @@ from fashion_mnist_cnn import (
 )
 from fashion_shop import runtimes
 from fashion_shop.folders import find_labelled_photos, prepare_photos
-from fashion_shop.models import in_float32, kind_of, load_trained_model
+from fashion_shop.models import (
+    check_model_file,
+    declared_kind,
+    in_float32,
+    kind_of,
+    load_trained_model,
+)
 from fashion_shop.photos import COLOUR_SIZE, find_images
 
 FORMATS = ["savedmodel", "litert", "onnx"]
@@ -147,9 +153,23 @@ def check_batch(args, kind):
     return x_test, y_test, f"{len(x_test):,} test images"
 
 
-def named(keras, model):
+def model_and_check_batch(args):
+    """The model and check_batch's images for it, gathered before TensorFlow loads as the model
+    file declares its kind, so that a bad --data-dir or photo is answered at once."""
+    declared = declared_kind(args.model)
+    batch = check_batch(args, declared) if declared else None
+    start_tensorflow_quietly()
+    model = load_trained_model(args.model)
+    if declared is None or kind_of(model).photos != declared.photos:
+        batch = check_batch(args, kind_of(model))
+    return model, batch
+
+
+def named(model):
     """The model with its input called "images" and its output "probabilities", the names
     every format keeps; called once, as the ONNX export needs."""
+    import keras
+
     images = keras.Input(model.input_shape[1:], name=runtimes.INPUT)
     exported = keras.Model(images, {runtimes.OUTPUT: model(images)}, name=model.name)
     exported(np.zeros((1, *model.input_shape[1:]), np.float32))
@@ -296,32 +316,33 @@ def interrupt(signum, frame):
 
 
 def main(argv):
-    """model -> float32 with named input and output -> each format written and proven in its
-    own runtime -> model.json -> all moved into --out-dir at once."""
+    """--out-dir and MODEL checked -> the check images -> model -> float32 with named input and
+    output -> each format written and proven in its own runtime -> model.json -> all moved into
+    --out-dir at once."""
     args = parse_export_args(argv)
     refuse_other_files(args.out_dir)
-    keras = start_tensorflow_quietly()
-    model = load_trained_model(args.model)
-    kind = kind_of(model)
-    images, labels, what = check_batch(args, kind)
-    in_float32(model)  # exports compute in float32, whatever the model was trained in
-    expected = runtimes.answers(model.predict_on_batch, images)  # one photo: no mirror
-    model = named(keras, model)
-    print(f"Exporting {args.model} ({model.name}), checked on {what}:")
-    partial = partial_folder(args.out_dir)
+    check_model_file(args.model)
+    partial = partial_folder(args.out_dir)  # made first: a folder that cannot be written, at once
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        files, checks = export(model, args.formats, images, expected, labels, partial)
-        description = describe(model, kind, files, checks) | {"contents": contents(partial)}
-        (partial / "model.json").write_text(json.dumps(description, indent=2) + "\n")
-        put_in_place(partial, args.out_dir)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(
-                "the disk is full: nothing was written; free some space and export again"
-            ) from None
-        reason = error.strerror or error
-        raise UserError(f"--out-dir {args.out_dir}: cannot write there ({reason})") from None
+        model, (images, labels, what) = model_and_check_batch(args)
+        kind = kind_of(model)
+        in_float32(model)  # exports compute in float32, whatever the model was trained in
+        expected = runtimes.answers(model.predict_on_batch, images)  # one photo: no mirror
+        model = named(model)
+        print(f"Exporting {args.model} ({model.name}), checked on {what}:")
+        try:
+            files, checks = export(model, args.formats, images, expected, labels, partial)
+            description = describe(model, kind, files, checks) | {"contents": contents(partial)}
+            (partial / "model.json").write_text(json.dumps(description, indent=2) + "\n")
+            put_in_place(partial, args.out_dir)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(
+                    "the disk is full: nothing was written; free some space and export again"
+                ) from None
+            reason = error.strerror or error
+            raise UserError(f"--out-dir {args.out_dir}: cannot write there ({reason})") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(partial, ignore_errors=True)

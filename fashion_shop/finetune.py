@@ -44,7 +44,14 @@ from fashion_shop.backbone import (
 )
 from fashion_shop.catalogue import read_rows_done
 from fashion_shop.folders import each_class_shuffled, find_labelled_photos, prepare_photos
-from fashion_shop.models import TUNED_NAME, class_probabilities, kind_of, load_trained_model
+from fashion_shop.models import (
+    TUNED_NAME,
+    check_model_file,
+    class_probabilities,
+    declared_kind,
+    kind_of,
+    load_trained_model,
+)
 from fashion_shop.predict import PREDICT_BATCH
 
 # Chosen on real shop photos, each photo mirrored at random as shops show shoes pointing either
@@ -178,10 +185,23 @@ def calibrated_temperature(head, features, labels, args):
     return temperature
 
 
+def refuse_a_backbone_model(path, kind):
+    """Without --backbone, finetune tunes a 28x28 model: a colour one is refused."""
+    if kind is not None and kind.photos == "colour":
+        raise UserError(
+            f"{path}: a model from finetune --backbone; to add photos, run finetune --backbone "
+            "again on all of them (it takes a minute)"
+        )
+
+
 def main(argv):
-    """photos -> hold-out -> model (yours, or an ImageNet network with a new last layer) ->
-    accuracy before -> fine-tune -> calibrate (--backbone) -> accuracy after -> save."""
+    """MODEL checked -> photos -> hold-out -> model (yours, or an ImageNet network with a new
+    last layer) -> accuracy before -> fine-tune -> calibrate (--backbone) -> accuracy after ->
+    save."""
     args = parse_finetune_args(argv)
+    if args.model:  # what its file says, before the photos are prepared or TensorFlow loads
+        check_model_file(args.model)
+        refuse_a_backbone_model(args.model, declared_kind(args.model))
     catalogue_folder = sorting.is_sorted_catalogue(args.folder)  # predict --sort-into's
     photos = find_labelled_photos(args.folder, sorted_catalogue=catalogue_folder)
     corrected = corrected_photos(args.folder) if catalogue_folder else None
@@ -195,11 +215,7 @@ def main(argv):
         model, learner = build_transfer_model(args.backbone)
     else:
         model = learner = load_trained_model(args.model)
-        if model.input_shape[1:] != (28, 28, 1):
-            raise UserError(
-                f"{args.model}: a model from finetune --backbone; to add photos, run finetune "
-                "--backbone again on all of them (it takes a minute)"
-            )
+        refuse_a_backbone_model(args.model, kind_of(model))
     options = {
         "model": args.backbone or file_sha256(args.model),
         "photo folder": fingerprint(images, labels),

@@ -84,11 +84,9 @@ def in_float32(model):
             layer.dtype_policy = "float32"
 
 
-def load_trained_model(path):
-    """A model.keras from a run, refused unless it maps 28x28x1 images (a training run's) or
-    224x224 colour photos (finetune --backbone's) to 10 classes."""
-    import keras
-
+def check_model_file(path):
+    """Refuse in one line, before TensorFlow loads, a MODEL that is no model file: missing, a
+    folder, a photo, or cut short."""
     if path.is_dir():
         inside = path / "model.keras"
         hint = f"; the run's model is {inside}" if inside.is_file() else ""
@@ -99,6 +97,14 @@ def load_trained_model(path):
         swapped = path.suffix.lower() in IMAGE_SUFFIXES
         hint = "; MODEL comes first, then the photos" if swapped else ""
         raise UserError(f"{path}: not a Keras model file, or a damaged one{hint}")
+
+
+def load_trained_model(path):
+    """A model.keras from a run, refused unless it maps 28x28x1 images (a training run's) or
+    224x224 colour photos (finetune --backbone's) to 10 classes."""
+    import keras
+
+    check_model_file(path)
     try:
         # safe_mode (the default, stated here on purpose) never runs code stored in the file.
         model = keras.models.load_model(path, compile=False, safe_mode=True)

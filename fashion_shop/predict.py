@@ -31,6 +31,7 @@ from fashion_mnist_cnn import (
 from fashion_shop import catalogue, photos, review_page, sorting
 from fashion_shop.models import (
     Kind,
+    check_model_file,
     class_probabilities,
     declared_kind,
     kind_of,
@@ -221,7 +222,7 @@ class Outcome(NamedTuple):
 
 def read_catalogue(args, paths):
     """The Catalogue of this run, its --csv and --sort-into checked: one that cannot be
-    continued is refused here, before the photos are prepared or TensorFlow loads."""
+    written or continued is refused here, before the photos are prepared or TensorFlow loads."""
     rows, rows_bytes, again = [], 0, set()
     csv_path = args.csv
     if args.sort_into:
@@ -235,6 +236,8 @@ def read_catalogue(args, paths):
         rows, rows_bytes = catalogue.read_rows_done(args.csv, paths)
     elif args.csv:
         catalogue.refuse_to_replace_other_files(args.csv)
+    if csv_path:
+        catalogue.refuse_unwritable(csv_path)
     return Catalogue(csv_path, args.sort_into, args.unsure, args.json, rows, rows_bytes, again)
 
 
@@ -287,17 +290,20 @@ def finish_sorting(state, outcome):
 
 
 def main(argv):
-    """outputs checked -> photos prepared on every core while TensorFlow loads ->
+    """model and outputs checked -> photos prepared on every core while TensorFlow loads ->
     classified a batch at a time -> rows written (and photos sorted) and progress shown as they
     are done -> a summary."""
     args = parse_predict_args(argv)
     start = time.perf_counter()
+    check_model_file(args.model)
     paths = photos.find_images(args.paths)
     if args.sort_into:  # a catalogue's photos by their full paths, never the catalogue's own
         inside = args.sort_into.absolute()
         paths = [path.absolute() for path in paths]
         paths = [path for path in paths if not path.is_relative_to(inside)]
     state = read_catalogue(args, paths)
+    if sys.stdout is None and (state.json or state.each_line):  # started with stdout closed
+        raise UserError("stdout is closed, where predict prints its answers; give --csv FILE")
     done_before = {row.path for row in state.rows} - state.again
     todo = [path for path in paths if str(path) not in done_before]
     on_terminal = sys.stderr.isatty()

@@ -6,7 +6,7 @@ from conftest import ROOT, distinct_images
 from PIL import Image, ImageDraw, ImageFilter
 
 import fashion_mnist_cnn as fm
-from fashion_shop import photos
+from fashion_shop import backbone, export, finetune, photos, predict
 
 SHOP_PHOTOS = ROOT.parent / "shared" / "product-photos" / "shop"  # real shop photos
 
@@ -71,6 +71,29 @@ def photo_folder(folder, per_class, classes=range(10), seed=0, relabel=0):
     for n, (label, image) in enumerate(zip(labels, items)):
         write_photo(folder / fm.CLASS_NAMES[label].replace("/", "-") / f"{n:03d}.jpg", image)
     return folder
+
+
+# A mistake answered at once.
+
+HEAVY_WORK = ("start_tensorflow_quietly", "load_trained_model", "download", "preparing")
+
+
+def refused_at_once(monkeypatch, capsys, *argv, heavy=HEAVY_WORK):
+    """fm.main(argv) in this process, with TensorFlow's start, a model's load, a download and
+    predict's preparing processes (and whatever else heavy names) made to fail the test: the
+    mistake must be answered before them. Returns the one line on stderr; the code must be 1."""
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the mistake was not answered before the heavy work")
+
+    for module in (fm, predict, finetune, export, backbone):
+        for name in heavy:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, too_late)
+    code = fm.main([str(arg) for arg in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    return err[0]
 
 
 # Items whose class survives predict's trimming, and a model that knows them.

@@ -21,7 +21,7 @@ from conftest import (
     start_program,
     wait_until,
 )
-from photo_helpers import a_bag, photo_folder, small_shop, write_photo
+from photo_helpers import a_bag, photo_folder, refused_at_once, small_shop, write_photo
 
 import fashion_mnist_cnn as fm
 import fashion_shop.predict
@@ -220,10 +220,19 @@ def test_a_full_disk_under_the_csv_is_one_clear_line(model_path, photos, capsys)
     assert len(err) == 1 and "no space left on device" in err[0].lower() and "--resume" in err[0]
 
 
-def test_predict_csv_that_cannot_be_written(model_path, tmp_path):
+@pytest.mark.parametrize(
+    "where, reason",
+    [("no/such.csv", "No such file or directory"), ("photos", "Is a directory")],
+    ids=["in no folder", "a folder"],
+)
+def test_predict_csv_that_cannot_be_written_is_one_line_at_once(
+    model_path, tmp_path, monkeypatch, capsys, where, reason
+):
     photos = photo_folder(tmp_path / "photos", per_class=1, classes=[2])
-    result = run_program("predict", model_path, photos, "--csv", tmp_path / "no" / "such.csv")
-    assert_clean_failure(result, "--csv", "cannot write there")
+    table = tmp_path / where
+    line = refused_at_once(monkeypatch, capsys, "predict", model_path, photos, "--csv", table)
+    assert line == f"error: --csv {table}: cannot write there ({reason})"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
 NEVER_ENDS = """

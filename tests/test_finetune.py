@@ -14,7 +14,15 @@ from conftest import (
     start_program,
     wait_for_line,
 )
-from photo_helpers import colour_model, photo_folder, product_folder, worn_photo, write_photo
+from photo_helpers import (
+    HEAVY_WORK,
+    colour_model,
+    photo_folder,
+    product_folder,
+    refused_at_once,
+    worn_photo,
+    write_photo,
+)
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -186,12 +194,32 @@ def write_bad_folder(root, case):
         ("nowhere", ["no such folder"]),
     ],
 )
-def test_finetune_bad_folder_one_line_nothing_written(model_path, tmp_path, case, fragments):
+def test_finetune_bad_folder_one_line_at_once_nothing_written(
+    model_path, tmp_path, monkeypatch, capsys, case, fragments
+):
     folder = write_bad_folder(tmp_path / "bad", case) if case != "nowhere" else tmp_path / "x"
     out = tmp_path / "out"
-    result = run_program("finetune", model_path, folder, "--out-dir", out)
-    assert_clean_failure(result, *fragments)
+    line = refused_at_once(monkeypatch, capsys, "finetune", model_path, folder, "--out-dir", out)
+    assert all(fragment.lower() in line.lower() for fragment in fragments), line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.keras", "no such model file"),
+        (lambda d: write_photo(d / "photo.jpg", distinct_images(np.array([1]))[0]), "comes first"),
+    ],
+    ids=["a missing model", "a photo for the model"],
+)
+def test_a_model_file_that_is_no_model_is_refused_before_the_photos_are_prepared(
+    tmp_path, monkeypatch, capsys, make, message
+):
+    photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
+    argv = ["finetune", make(tmp_path), photos, "--out-dir", tmp_path / "out"]
+    heavy = (*HEAVY_WORK, "prepare_photos")
+    assert message in refused_at_once(monkeypatch, capsys, *argv, heavy=heavy)
+    assert not (tmp_path / "out").exists()
 
 
 def test_finetune_into_the_folder_of_the_model_it_tunes_leaves_the_model_alone(
@@ -223,11 +251,14 @@ def colour_model_path(tmp_path_factory):
     return colour_model(tmp_path_factory.mktemp("colour") / "model.keras")
 
 
-def test_finetune_without_backbone_refuses_a_colour_model(colour_model_path, tmp_path):
+def test_finetune_without_backbone_refuses_a_colour_model_at_once(
+    colour_model_path, tmp_path, monkeypatch, capsys
+):
     photos = product_folder(tmp_path / "photos", per_class=2)
     out = tmp_path / "out"
-    result = run_program("finetune", colour_model_path, photos, "--out-dir", out)
-    assert_clean_failure(result, "a model from finetune --backbone", "run finetune --backbone")
+    argv = ["finetune", colour_model_path, photos, "--out-dir", out]
+    line = refused_at_once(monkeypatch, capsys, *argv, heavy=(*HEAVY_WORK, "prepare_photos"))
+    assert "a model from finetune --backbone" in line and "run finetune --backbone" in line
     assert not out.exists()
 
 

@@ -22,6 +22,7 @@ from photo_helpers import (
     framed_items_model,
     photo_folder,
     product_folder,
+    refused_at_once,
     small_shop,
     train_model,
 )
@@ -199,6 +200,35 @@ def test_a_model_refused_by_the_package_is_one_line_from_the_script(tmp_path, ma
     result = run_program("predict", make(tmp_path), good)
     assert_clean_failure(result, message)
     assert result.returncode == 1 and result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.keras", "no such model file"),
+        (lambda d: d, "a folder, not a model file"),
+        (lambda d: as_picture_files(framed_items(np.array([1]))[0], d, "photo")[0], "comes first"),
+    ],
+    ids=["a missing model", "a folder", "a photo for the model"],
+)
+def test_a_model_file_that_is_no_model_is_refused_at_once(
+    tmp_path, monkeypatch, capsys, make, message
+):
+    good, _ = as_picture_files(framed_items(np.array([1]))[0], tmp_path, "good")
+    argv = ["predict", make(tmp_path), good]
+    assert message in refused_at_once(monkeypatch, capsys, *argv)
+
+
+@pytest.mark.parametrize("json_too", [False, True], ids=["lines", "--json"])
+def test_answers_for_a_closed_stdout_are_refused_at_once(
+    model_path, tmp_path, monkeypatch, capsys, json_too
+):
+    """As the shell starts a command with `>&-`: Python's print() then writes nothing, and the
+    answers would be lost after all the work."""
+    good, _ = as_picture_files(framed_items(np.array([1]))[0], tmp_path, "good")
+    monkeypatch.setattr(sys, "stdout", None)
+    argv = ["predict", model_path, good, *["--json"] * json_too]
+    assert "stdout is closed" in refused_at_once(monkeypatch, capsys, *argv)
 
 
 def test_resume_needs_a_csv():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_clean_failure, links_to, run_program, start_program, wait_until
-from photo_helpers import framed_items, framed_items_model
+from photo_helpers import framed_items, framed_items_model, refused_at_once
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -212,11 +212,13 @@ def test_a_photo_that_cannot_be_put_there_is_one_line_and_the_same_command_goes_
     ],
     ids=["a file", "not writable", "another CSV there"],
 )
-def test_a_folder_that_cannot_be_sorted_into_is_one_line(model_path, tmp_path, make, message):
+def test_a_folder_that_cannot_be_sorted_into_is_one_line_at_once(
+    model_path, tmp_path, monkeypatch, capsys, make, message
+):
     shop(tmp_path / "photos", [1])
     out = make(tmp_path)
-    result = run_program("predict", model_path, tmp_path / "photos", "--sort-into", out)
-    assert_clean_failure(result, message)
+    argv = ["predict", model_path, tmp_path / "photos", "--sort-into", out]
+    assert message in refused_at_once(monkeypatch, capsys, *argv)
 
 
 def test_unsure_and_reclassify_need_a_folder_to_sort_into(model_path, tmp_path):
