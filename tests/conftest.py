@@ -1,7 +1,9 @@
 """Shared helpers: small generated data sets in the IDX layout, and running the program.
 The photo helpers are in photo_helpers.py."""
 
+import contextlib
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -154,6 +156,35 @@ def wait_until(process, ready, timeout=120):
     while not ready():
         assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
         time.sleep(0.01)
+
+
+def main_here(*args, cwd=None):
+    """Run fashion_mnist_cnn.main in this process, as the command line would, where the process
+    itself is not under test; returns a CompletedProcess. TensorFlow fixes its thread pools at
+    its first operation, which this process ran long ago, so a run here keeps them."""
+    import matplotlib.pyplot as plt
+
+    out, err = io.StringIO(), io.StringIO()
+    apply_threads, before = fm.apply_threads, os.getcwd()
+    fm.apply_threads = lambda threads: None
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = fm.main([str(arg) for arg in args])
+            except SystemExit as exit:  # argparse's answer to --help and to a bad argument
+                code = exit.code
+    finally:
+        fm.apply_threads = apply_threads
+        os.chdir(before)
+        plt.close("all")  # a run leaves its figures open for plt.show()
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def run_main():
+    return main_here
 
 
 def assert_clean_failure(result, *fragments):

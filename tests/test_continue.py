@@ -13,8 +13,8 @@ import pytest
 from conftest import (
     assert_clean_failure,
     distinct_images,
+    main_here,
     make_dataset,
-    run_program,
     start_program,
     wait_for_line,
 )
@@ -69,7 +69,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def unbroken(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("unbroken") / "out"
-    result = run_program(*training(data, out), cores=CORES)
+    result = main_here(*training(data, out))
     assert result.returncode == 0, result.stderr
     if CORES:
         assert json.loads((out / "metrics.json").read_text())["compute"]["split_batches"]
@@ -90,7 +90,7 @@ def test_killed_run_continues_to_the_unbroken_runs_numbers(
     out = tmp_path / "out"
     kill_at(training(data, out), line)
     assert not (out / "metrics.json").exists()
-    result = run_program(*training(data, out), cores=CORES)
+    result = main_here(*training(data, out))
     assert result.returncode == 0, result.stderr
     # Said at once, after the data's note (generated data is not the official files).
     assert result.stdout.splitlines()[1] == f"Continuing {out}{says}"
@@ -107,7 +107,7 @@ def test_options_continue_exactly_and_resume_finds_the_newest_unfinished_run(dat
     unbroken run; --resume with no --out-dir takes the newest unfinished run under runs/."""
     options = ("--data-dir", data, "--epochs", "3", "--seed", "3", "--no-show", "--arch",
                "improved", "--augment", "--batch-size", "64")  # fmt: skip
-    result = run_program(*options, "--out-dir", tmp_path / "unbroken")
+    result = main_here(*options, "--out-dir", tmp_path / "unbroken")
     assert result.returncode == 0, result.stderr
     kill_at(options, "Epoch 2/3", cwd=tmp_path)
     (killed,) = (tmp_path / "runs").iterdir()
@@ -115,7 +115,7 @@ def test_options_continue_exactly_and_resume_finds_the_newest_unfinished_run(dat
     shutil.copytree(tmp_path / "unbroken", tmp_path / "runs" / "finished")
     (tmp_path / "runs" / "tuning" / "backup").mkdir(parents=True)
     (tmp_path / "runs" / "tuning" / "backup" / "state.json").write_text('{"command": "finetune"}')
-    result = run_program(*options, "--resume", cwd=tmp_path)
+    result = main_here(*options, "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"Continuing {killed.relative_to(tmp_path)} from epoch 2 of 3" in result.stdout
     continued, whole = finished(killed), finished(tmp_path / "unbroken")
@@ -135,7 +135,7 @@ def test_ctrl_c_then_the_same_command_with_more_epochs_trains_on(data, tmp_path)
     assert process.returncode == 130
     assert "Run the same command again to continue from epoch 2." in stdout
     assert json.loads((out / "metrics.json").read_text())["interrupted"] is True
-    result = run_program(*training(data, out)[:-2], "--out-dir", out, "--epochs", "5")
+    result = main_here(*training(data, out)[:-2], "--out-dir", out, "--epochs", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1] == f"Continuing {out} from epoch 2 of 5"
     metrics = finished(out)
@@ -196,10 +196,12 @@ def foreign_weights(out):
         (foreign_weights, ["its backup does not fit this model"]),
     ],
 )
-def test_damaged_or_foreign_backup_is_refused_and_left_alone(data, unfinished, damage, fragments):
+def test_damaged_or_foreign_backup_is_refused_and_left_alone(
+    run_main, data, unfinished, damage, fragments
+):
     damage(unfinished)
     before = folder_state(unfinished)
-    result = run_program(*training(data, unfinished))
+    result = run_main(*training(data, unfinished))
     assert_clean_failure(result, *fragments)
     if "finetune" not in fragments[0]:
         assert "to start over, add --overwrite" in result.stderr
@@ -219,24 +221,26 @@ def test_damaged_or_foreign_backup_is_refused_and_left_alone(data, unfinished, d
     ],
 )
 def test_continuing_with_other_options_is_refused_and_changes_nothing(
-    data, unfinished, tmp_path, options, fragment
+    run_main, data, unfinished, tmp_path, options, fragment
 ):
     if "OTHER" in options:
         options = ["--data-dir", make_dataset(tmp_path / "other", n_train=3000, n_test=200, seed=1)]
     before = folder_state(unfinished)
-    result = run_program(*training(data, unfinished), *options)
+    result = run_main(*training(data, unfinished), *options)
     assert_clean_failure(result, fragment.format(out=unfinished))
     assert folder_state(unfinished) == before
 
 
-def test_overwrite_starts_over_and_resume_needs_an_unfinished_run(data, unfinished, tmp_path):
-    result = run_program(*training(data, unfinished), "--epochs", "1", "--overwrite")
+def test_overwrite_starts_over_and_resume_needs_an_unfinished_run(
+    run_main, data, unfinished, tmp_path
+):
+    result = run_main(*training(data, unfinished), "--epochs", "1", "--overwrite")
     assert result.returncode == 0, result.stderr
     assert "Continuing" not in result.stdout
     assert finished(unfinished)["epochs_completed"] == 1
-    result = run_program(*training(data, unfinished), "--resume")
+    result = run_main(*training(data, unfinished), "--resume")
     assert_clean_failure(result, f"--resume: {unfinished} holds no unfinished run")
-    result = run_program("--data-dir", data, "--resume", cwd=tmp_path)
+    result = run_main("--data-dir", data, "--resume", cwd=tmp_path)
     assert_clean_failure(result, "--resume: no unfinished training run under runs/")
 
 
@@ -279,11 +283,11 @@ def test_finetune_killed_continues_to_the_unbroken_runs_numbers(unbroken, tmp_pa
     photos = photo_folder(tmp_path / "photos", per_class=12, relabel=1)
     model = unbroken["out"] / "model.keras"
     command = ("finetune", model, photos, "--epochs", "8", "--out-dir")
-    result = run_program(*command, tmp_path / "whole", cores=CORES)
+    result = main_here(*command, tmp_path / "whole")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "killed"
     kill_at((*command, out), "Epoch 5/8")
-    result = run_program(*command, out, cores=CORES)
+    result = main_here(*command, out)
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"Continuing {out} from epoch ") and first.endswith(" of 8")
@@ -296,9 +300,7 @@ def test_finetune_killed_continues_to_the_unbroken_runs_numbers(unbroken, tmp_pa
     kill_at((*command, tmp_path / "other"), "Epoch 2/8")
     before = folder_state(tmp_path / "other")
     load_trained_model(model).save(tmp_path / "copy.keras")  # the same, saved anew: another file
-    result = run_program(
-        "finetune", tmp_path / "copy.keras", photos, "--out-dir", tmp_path / "other"
-    )
+    result = main_here("finetune", tmp_path / "copy.keras", photos, "--out-dir", tmp_path / "other")
     assert_clean_failure(result, "was started from another model")
     assert folder_state(tmp_path / "other") == before
 
