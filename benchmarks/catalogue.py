@@ -77,9 +77,9 @@ def make_shots(count, folder):
     rng = np.random.default_rng(0)
     tasks = []
     for label, name in enumerate(fm.CLASS_NAMES):
-        (folder / name.replace("/", "-")).mkdir(parents=True, exist_ok=True)
+        (folder / folders.class_folder(name)).mkdir(parents=True, exist_ok=True)
         picks = rng.permutation(np.flatnonzero(y_test == label))[: count // 10]
-        tasks += [(i, label, x_test[i], folder / name.replace("/", "-")) for i in picks]
+        tasks += [(i, label, x_test[i], folder / folders.class_folder(name)) for i in picks]
     print(f"making {len(tasks)} shots in {folder} (once) ...", flush=True)
     with Pool(fm.cpu_cores()) as pool:
         pool.map(make_one, tasks, chunksize=8)

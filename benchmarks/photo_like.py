@@ -92,7 +92,7 @@ def make(args):
     images, labels = (x_test, y_test) if args.split == "test" else (x_train, y_train)
     rng = np.random.default_rng(args.seed)
     for label, name in enumerate(fm.CLASS_NAMES):
-        folder = args.out / name.replace("/", "-")
+        folder = args.out / folders.class_folder(name)
         folder.mkdir(parents=True, exist_ok=True)
         picks = rng.permutation(np.flatnonzero(labels == label))[: args.per_class]
         for index in picks:

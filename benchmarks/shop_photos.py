@@ -52,7 +52,7 @@ def split_photos(photos, seed, per_class):
 def link_folder(photos, folder):
     """A class-subfolder layout of links to the photos, as finetune and predict read it."""
     for path, label in photos:
-        target = folder / fm.CLASS_NAMES[label].replace("/", "-") / path.name
+        target = folder / folders.class_folder(fm.CLASS_NAMES[label]) / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(path.resolve())
     return folder

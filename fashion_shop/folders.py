@@ -25,6 +25,11 @@ FOLDER_CLASSES = {
 }
 
 
+def class_folder(name):
+    """The folder a class's photos go to: its name, "/" being no file name's ("T-shirt-top")."""
+    return name.replace("/", "-")
+
+
 def folder_class(name):
     """The class index a folder's name means, or None: the one reading of class folders, for
     finetune and for predict --sort-into's catalogue alike."""

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from fashion_mnist_cnn import CLASS_NAMES, UserError, atomic_path
-from fashion_shop.folders import CSV_NAME, PAGE_NAME, folder_class  # noqa: F401 (DIR's names)
+from fashion_shop.folders import CSV_NAME, PAGE_NAME, class_folder, folder_class  # noqa: F401 (names of DIR)
 from fashion_shop.photos import IMAGE_SUFFIXES
 
 # A subfolder rather than a mark in the file name: file managers list folders before files,
@@ -22,11 +22,6 @@ THUMBNAILS = ".thumbnails"
 # Where a link cannot be made at all (another disk, a file system without them), not where
 # one photo is the trouble: those errors say so for that photo.
 NO_LINKS_HERE = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}
-
-
-def class_folder(name):
-    """The folder a class's photos go to: its name, "/" being no file name's ("T-shirt-top")."""
-    return name.replace("/", "-")
 
 
 def open_folder(folder):

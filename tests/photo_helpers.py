@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import fashion_mnist_cnn as fm
 from fashion_shop import backbone, export, finetune, photos, predict
+from fashion_shop.folders import class_folder
 
 SHOP_PHOTOS = ROOT.parent / "shared" / "product-photos" / "shop"  # real shop photos
 
@@ -69,7 +70,7 @@ def photo_folder(folder, per_class, classes=range(10), seed=0, relabel=0):
     labels = np.repeat(list(classes), per_class)
     items = distinct_images((labels + relabel) % 10, seed=seed)
     for n, (label, image) in enumerate(zip(labels, items)):
-        write_photo(folder / fm.CLASS_NAMES[label].replace("/", "-") / f"{n:03d}.jpg", image)
+        write_photo(folder / class_folder(fm.CLASS_NAMES[label]) / f"{n:03d}.jpg", image)
     return folder
 
 
@@ -182,7 +183,7 @@ def product_folder(folder, per_class):
     """FOLDER/<class name>/NN.jpg: per_class colour product shots of classes 0, 1 and 2."""
     for label in range(3):
         for n in range(per_class):
-            path = folder / fm.CLASS_NAMES[label].replace("/", "-") / f"{n:02d}.jpg"
+            path = folder / class_folder(fm.CLASS_NAMES[label]) / f"{n:02d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(product(label, seed=100 * label + n)).save(path, quality=90)
     return folder
