@@ -15,6 +15,7 @@ from fashion_mnist_cnn import (
     UserError,
     add_run_folder_options,
     batches,
+    check_out_dir,
     compile_model,
     confusion_matrix,
     file_sha256,
@@ -202,6 +203,7 @@ def main(argv):
     if args.model:  # what its file says, before the photos are prepared or TensorFlow loads
         check_model_file(args.model)
         refuse_a_backbone_model(args.model, declared_kind(args.model))
+    check_out_dir(args.out_dir)
     catalogue_folder = sorting.is_sorted_catalogue(args.folder)  # predict --sort-into's
     photos = find_labelled_photos(args.folder, sorted_catalogue=catalogue_folder)
     corrected = corrected_photos(args.folder) if catalogue_folder else None

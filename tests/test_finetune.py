@@ -222,6 +222,21 @@ def test_a_model_file_that_is_no_model_is_refused_before_the_photos_are_prepared
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "out, message",
+    [("/proc/no-such/run", "cannot write there"), ("{photo}", "a file, not a folder")],
+    ids=["not writable", "a file"],
+)
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_photos_are_prepared(
+    model_path, tmp_path, monkeypatch, capsys, out, message
+):
+    photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
+    out = out.format(photo=photos / "Trouser" / "002.jpg")
+    argv = ["finetune", model_path, photos, "--out-dir", out]
+    line = refused_at_once(monkeypatch, capsys, *argv, heavy=(*HEAVY_WORK, "prepare_photos"))
+    assert f"--out-dir {out}: {message}" in line
+
+
 def test_finetune_into_the_folder_of_the_model_it_tunes_leaves_the_model_alone(
     model_path, tmp_path
 ):
