@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import datetime
 import errno
-import functools
 import gc
 import gzip
 import hashlib
@@ -106,13 +105,11 @@ def checked(convert, accept, expected):
     """An argparse type: convert(text), kept where accept(value) holds, else one line."""
 
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):
             value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+            if value is not None and accept(value):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
 
@@ -141,12 +138,9 @@ def add_run_folder_options(parser, what="the model, metrics and figures", suffix
     where = f"where {what} go (default: a new runs/<timestamp>{suffix}/)"
     parser.add_argument("--out-dir", type=Path, default=None, help=where)
     either = parser.add_mutually_exclusive_group()
-    either.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over in an --out-dir that holds a run, finished or not (without it, an "
-        "unfinished run there is continued)",
-    )
+    again = "start over in an --out-dir that holds a run, finished or not (without it, an "
+    again += "unfinished run there is continued)"
+    either.add_argument("--overwrite", action="store_true", help=again)
     newest = "continue the newest unfinished run under runs/, or --out-dir's"
     either.add_argument("--resume", action="store_true", help=newest)
 
@@ -167,25 +161,21 @@ def parse_train_args(argv):
     batch = f"batch size (default: {BATCH_SIZE}; {IMPROVED_BATCH_SIZE} with --arch improved)"
     recipe.add_argument("--batch-size", type=positive_int, help=batch)
     held_out = "share of the training set held out (at random) to validate each epoch"
-    recipe.add_argument(
-        "--validation-split", type=share_of_one(), default=VALIDATION_SPLIT, help=held_out
-    )
+    share = share_of_one()
+    recipe.add_argument("--validation-split", type=share, default=VALIDATION_SPLIT, help=held_out)
     recipe.add_argument("--seed", type=seed_value, default=SEED, help="random seed, so runs repeat")
-    recipe.add_argument(
-        "--arch",
-        choices=["seed", "improved"],
-        default="seed",
-        help="seed: the classic model; improved: a small CNN with BatchNorm and Dropout, "
-        f"trained in batches of {IMPROVED_BATCH_SIZE} at a rate that starts at "
-        f"{IMPROVED_LEARNING_RATE} and falls along a cosine",
+    improved = (
+        "seed: the classic model; improved: a small CNN with BatchNorm and Dropout, trained in "
+        f"batches of {IMPROVED_BATCH_SIZE} at a rate that starts at {IMPROVED_LEARNING_RATE} and "
+        "falls along a cosine"
     )
-    recipe.add_argument(
-        "--augment",
-        action="store_true",
-        help="mirror half the training images left-right at random, anew every epoch; "
-        f"trains {AUGMENT_EPOCHS} epochs unless --epochs says otherwise; predict shows the "
-        "model each photo both ways",
+    recipe.add_argument("--arch", choices=["seed", "improved"], default="seed", help=improved)
+    mirror = (
+        "mirror half the training images left-right at random, anew every epoch; trains "
+        f"{AUGMENT_EPOCHS} epochs unless --epochs says otherwise; predict shows the model each "
+        "photo both ways"
     )
+    recipe.add_argument("--augment", action="store_true", help=mirror)
     files = parser.add_argument_group("files")
     from_dir = "read the four Fashion-MNIST IDX files (.gz or not) from DIR instead of "
     files.add_argument("--data-dir", type=Path, help=from_dir + "downloading them to the cache")
@@ -199,12 +189,9 @@ def parse_train_args(argv):
     native = "auto: bfloat16 mixed precision where the CPU computes bf16 natively, else float32"
     precisions = ["auto", "float32", "bfloat16"]
     compute.add_argument("--precision", choices=precisions, default="auto", help=native)
-    compute.add_argument(
-        "--no-split",
-        action="store_true",
-        help="train on each batch whole, not as two halves side by side (the default where "
-        "there are 2 or more cores; same results, only slower)",
-    )
+    whole = "train on each batch whole, not as two halves side by side (the default where there "
+    whole += "are 2 or more cores; same results, only slower)"
+    compute.add_argument("--no-split", action="store_true", help=whole)
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = AUGMENT_EPOCHS if args.augment else EPOCHS
@@ -268,10 +255,8 @@ def download(url, file_hash, cache_subdir, offline):
 
 def download_data_files():
     """Fetch the four official files into the Keras cache (once), checked against their md5."""
-    offline = (
-        "put the four Fashion-MNIST files from https://github.com/zalandoresearch/"
-        "fashion-mnist in a folder and pass --data-dir FOLDER"
-    )
+    offline = "put the four Fashion-MNIST files from https://github.com/zalandoresearch/"
+    offline += "fashion-mnist in a folder and pass --data-dir FOLDER"
     return {
         name: download(MIRROR + name, md5, "datasets/fashion-mnist", offline)
         for name, (_, md5) in OFFICIAL_FILES.items()
@@ -376,23 +361,12 @@ def split_validation(n_images, validation_split, seed):
     return order[:split_at], order[split_at:]
 
 
-def mirror_at_random(images, key):
-    """Each image mirrored left-right with probability 1/2, by stateless draws from the batch's
-    key: the same seed mirrors the same images, whole batch or halves."""
-    import tensorflow as tf
-
-    mirror = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed=key) < 0.5
-    return tf.where(mirror, tf.reverse(images, axis=[2]), images)
-
-
 def batches(images, labels, batch_size, indices=None, epoch_key=None, halves=False, augment=False):
     """A tf.data pipeline of the images at `indices` (default: all), scaled to float32 [0, 1]
-    a batch at a time, so that no float copy of the uint8 data set is ever made.
-
-    With epoch_key, a (seed, epoch) pair, the order (and with augment, the mirroring) is drawn
-    from that key alone, so any epoch's batches can be made again to continue a stopped run.
-    With halves, each batch comes as its two halves, for in_halves().
-    """
+    a batch at a time, so that no float copy of the uint8 data set is ever made. With epoch_key,
+    a (seed, epoch) pair, the order (and with augment, the mirroring) is drawn from that key
+    alone, so any epoch's batches can be made again to continue a stopped run. With halves,
+    each batch comes as its two halves, for in_halves()."""
     import tensorflow as tf
 
     images, labels = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
@@ -409,8 +383,9 @@ def batches(images, labels, batch_size, indices=None, epoch_key=None, halves=Fal
 
     def gather(batch, key=None):
         x = tf.cast(tf.gather(images, batch)[..., tf.newaxis], tf.float32) / 255.0
-        if augment:
-            x = mirror_at_random(x, key)
+        if augment:  # mirrored with probability 1/2, by stateless draws from the batch's key
+            mirror = tf.random.stateless_uniform([tf.shape(x)[0], 1, 1, 1], seed=key) < 0.5
+            x = tf.where(mirror, tf.reverse(x, axis=[2]), x)
         if halves:
             middle = tf.shape(batch)[0] // 2
             x = (x[:middle], x[middle:])
@@ -475,11 +450,9 @@ def compile_model(model, optimizer, steps_per_execution=1):
 def build_model(
     precision="float32", arch="seed", steps_per_execution=32, total_steps=None, mirrored=False
 ):
-    """The CNN, compiled with Adam: by default exactly the design's (93,322 parameters).
-
-    The improved model's rate falls from IMPROVED_LEARNING_RATE to zero over total_steps.
-    steps_per_execution batches run per call into TensorFlow, which changes nothing but speed.
-    """
+    """The CNN, compiled with Adam: by default exactly the design's (93,322 parameters). The
+    improved model's rate falls from IMPROVED_LEARNING_RATE to zero over total_steps.
+    steps_per_execution batches run per call into TensorFlow, which changes nothing but speed."""
     import keras
     from keras import layers
 
@@ -488,16 +461,11 @@ def build_model(
         # Weights and Adam stay float32; only the arithmetic runs in bf16.
         keras.config.set_dtype_policy("mixed_bfloat16")
     name = "fashion_mnist_cnn" if arch == "seed" else f"fashion_mnist_cnn_{arch}"
-    try:
-        model = keras.Sequential(
-            [
-                keras.Input((28, 28, 1)),
-                *ARCHITECTURES[arch](layers),
-                # Softmax and loss in float32 whatever the policy, for stable probabilities.
-                layers.Dense(10, activation="softmax", dtype="float32"),
-            ],
-            name=name + MIRRORED * mirrored,
-        )
+    try:  # in this order: each layer draws the seed of its initial weights as it is made
+        stack = [keras.Input((28, 28, 1)), *ARCHITECTURES[arch](layers)]
+        # Softmax and loss in float32 whatever the policy, for stable probabilities.
+        stack.append(layers.Dense(10, activation="softmax", dtype="float32"))
+        model = keras.Sequential(stack, name=name + MIRRORED * mirrored)
     finally:
         keras.config.set_dtype_policy(previous_policy)
     learning_rate = 0.001  # Adam's default: the recipe's
@@ -521,8 +489,7 @@ def in_halves(model):
 # ----------------------------------------------------------------------------------------------
 # Train and evaluate
 
-# Signals that stop training gracefully: Ctrl-C, and the SIGTERM of schedulers, `timeout` and
-# container stops.
+# Ctrl-C, and the SIGTERM of schedulers, `timeout` and container stops: both stop gracefully.
 STOP_SIGNALS = {signal.SIGINT: "Interrupted", signal.SIGTERM: "Terminated"}
 
 
@@ -605,9 +572,7 @@ def per_class_accuracy(confusion, only_present=False):
     or with only_present, the classes that have images only)."""
     counts = confusion.sum(axis=1)
     accuracy = (confusion.diagonal() / np.maximum(counts, 1)).round(4).tolist()
-    return {
-        name: accuracy[c] for c, name in enumerate(CLASS_NAMES) if counts[c] or not only_present
-    }
+    return {CLASS_NAMES[c]: accuracy[c] for c in range(10) if counts[c] or not only_present}
 
 
 def evaluate(model, test_data, y_test):
@@ -629,14 +594,6 @@ def evaluate(model, test_data, y_test):
     }
 
 
-def print_results(results):
-    print(f"\nTest accuracy: {results['test_accuracy']:.4f}")
-    print(f"Test loss: {results['test_loss']:.4f}")
-    print("\nPer-class test accuracy:")
-    for name, accuracy in results["per_class_accuracy"].items():
-        print(f"  {name:<12} {accuracy:7.2%}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Figures: what the model learned, for people.
 
@@ -646,12 +603,11 @@ def use_windows(show):
     matplotlib draws into files only (Agg), which works on servers and in CI."""
     import matplotlib
 
-    display = sys.platform in ("win32", "darwin") or any(
-        os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY")
-    )
-    if not (show and display):
+    display = any(os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY"))
+    shown = show and (display or sys.platform in ("win32", "darwin"))
+    if not shown:
         matplotlib.use("Agg")
-    return show and display
+    return shown
 
 
 def plot_predictions(images, labels, probabilities):
@@ -812,10 +768,8 @@ def find_gpus():
     gpus = []
     for gpu in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(gpu)
-        capability = tuple(details.get("compute_capability", (0, 0)))
-        gpus.append(
-            {"name": details.get("device_name", gpu.name), "compute_capability": capability}
-        )
+        name, capability = details.get("device_name", gpu.name), details.get("compute_capability")
+        gpus.append({"name": name, "compute_capability": tuple(capability or (0, 0))})
     return gpus
 
 
@@ -827,23 +781,11 @@ def native_bf16(gpus, flags):
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def whole_batch_reasons(args, n_fit, n_held_out, cores):
-    """Why each batch must run whole on a CPU rather than as two halves side by side (in_halves):
-    halves were measured to pay on 2 cores only, BatchNorm needs the whole batch, and oneDNN
-    refuses the empty half of a batch of one image."""
-    rules = [
-        (args.no_split, "--no-split"),
-        (cores != 2, f"{cores} core(s), and halves are measured to pay on 2"),
-        (args.arch != "seed", "--arch improved (BatchNorm needs the whole batch)"),
-        (args.batch_size < 2, "batches of one image"),
-        (n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1, "a batch of one image"),
-    ]
-    return ["whole batches: " + reason for applies, reason in rules if applies]
-
-
 def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
-    """Where to train and how: device, precision, batches whole or in halves, threads, and
-    under "why" the reason for each. gpus as find_gpus() returns them, cpu as cpu_info()."""
+    """Where to train and how: device, precision, batches whole or in halves (in_halves),
+    threads, and under "why" the reason for each. gpus as find_gpus() returns them, cpu as
+    cpu_info(). Halves were measured to pay on 2 cores only, BatchNorm needs the whole batch,
+    and oneDNN refuses the empty half of a batch of one image."""
     model_name, flags = cpu
     native = native_bf16(gpus, flags)
     if gpus:  # without a distribution strategy, TensorFlow computes on the first GPU
@@ -856,25 +798,25 @@ def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
         device = f"CPU ({model_name}, {cpu_class(flags)}, {cores} cores)"
         bf16 = "computes bf16 natively" if native else "has no native bf16, so float32"
         why_precision = f"the CPU {bf16}"
-        whole = whole_batch_reasons(args, n_fit, n_held_out, cores)
+        one_left = n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1
+        rules = [
+            (args.no_split, "--no-split"),
+            (cores != 2, f"{cores} core(s), and halves are measured to pay on 2"),
+            (args.arch != "seed", "--arch improved (BatchNorm needs the whole batch)"),
+            (args.batch_size < 2, "batches of one image"),
+            (one_left, "a batch of one image"),
+        ]
+        whole = ["whole batches: " + reason for applies, reason in rules if applies]
     precision = "bfloat16" if native else "float32"
     if args.precision != "auto":
         precision, why_precision = args.precision, f"--precision {args.precision}"
+    threads = None if whole else {"intra_op": cores // 2, "inter_op": 2}
     halves = "2 cores, the classic model: two halves side by side, the same results"
-    return {
-        "device": device,
-        "precision": precision,
-        "split_batches": not whole,
-        "threads": None if whole else {"intra_op": cores // 2, "inter_op": 2},
-        "onednn": onednn,
-        "why": {
-            "precision": why_precision,
-            "split_batches": whole[0] if whole else halves,
-            "threads": "half the cores for each half"
-            if not whole
-            else "TensorFlow's own" + " on a GPU" * bool(gpus),
-        },
-    }
+    own_threads = "TensorFlow's own" + " on a GPU" * bool(gpus)
+    why = {"precision": why_precision, "split_batches": whole[0] if whole else halves}
+    why["threads"] = own_threads if whole else "half the cores for each half"
+    chosen = {"device": device, "precision": precision, "split_batches": not whole}
+    return chosen | {"threads": threads, "onednn": onednn, "why": why}
 
 
 def apply_threads(threads):
@@ -919,15 +861,6 @@ def save_json(data, path):
 def save_figure(fig, path):
     with atomic_path(path) as temporary:
         fig.savefig(temporary, dpi=100)
-
-
-def save_figures(out_dir, history, results, x_test, y_test, samples):
-    probabilities = results["probabilities"]
-    predictions = plot_predictions(x_test[samples], y_test[samples], probabilities[samples])
-    save_figure(predictions, out_dir / "predictions.png")
-    save_figure(plot_training_curves(history), out_dir / "training_curves.png")
-    save_figure(plot_confusion_matrix(results["confusion"]), out_dir / "confusion_matrix.png")
-    save_figure(plot_mistakes(x_test, y_test, probabilities), out_dir / "mistakes.png")
 
 
 def fingerprint(*arrays):
@@ -1040,16 +973,12 @@ def read_backup(out_dir, command, options, epochs):
             continue
         if isinstance(value, bool):
             was = f"{'with' if started else 'without'} {name}"
+        elif name.startswith("--"):
+            was = f"with {name} {started}, not {value}"
         else:
-            was = (
-                f"with {name} {started}, not {value}"
-                if name.startswith("--")
-                else f"from another {name}"
-            )
-        raise UserError(
-            f"{out_dir} was started {was}: continue it with the same options, or start over "
-            "with --overwrite"
-        )
+            was = f"from another {name}"
+        same = "continue it with the same options, or start over with --overwrite"
+        raise UserError(f"{out_dir} was started {was}: {same}")
     done = state["progress"]["epochs_completed"]
     if epochs < done:
         raise UserError(f"--epochs {epochs}: {out_dir} has completed {done} epochs already")
@@ -1097,15 +1026,9 @@ def save_backup(model, out_dir, command, options, progress):
     if shutil.disk_usage(folder).free < 2 * size + 2**20:
         raise OSError(errno.ENOSPC, "No space left on device", str(weights))
     model.save_weights(weights)  # with the optimizer's state
-    state = {
-        "format": BACKUP_FORMAT,
-        "command": command,
-        "options": options,
-        "progress": progress,
-        "weights": weights.name,
-        "weights_sha256": file_sha256(weights),
-        "random_state": [variable.numpy().tolist() for variable in random_state(model)],
-    }
+    state = {"format": BACKUP_FORMAT, "command": command, "options": options, "progress": progress}
+    state |= {"weights": weights.name, "weights_sha256": file_sha256(weights)}
+    state["random_state"] = [variable.numpy().tolist() for variable in random_state(model)]
     save_json(state | {"checksum": state_checksum(state)}, folder / "state.json")
     for old in folder.glob("*.weights.h5"):
         if old != weights:
@@ -1162,25 +1085,22 @@ def train_run(model, run, epoch_data, validation_data, epochs, halves=False):
 
 
 def finish_run(run, model, progress, stop_signal, results, details, saved):
-    """Save the model and metrics.json (results, the run's progress, then details), say what
-    was `saved` where, and drop the backup, or keep it where a signal stopped the run; returns
-    the exit code."""
+    """Save the model and metrics.json (results, the run's progress, then details), say what was
+    `saved` where, and drop the backup, or keep it where a signal stopped the run; the exit code."""
     with atomic_path(run.out_dir / "model.keras") as temporary:
         model.save(temporary)
-    record = {
-        "epochs_completed": progress["epochs_completed"],
-        "interrupted": stop_signal is not None,
-        "continued_from_epoch": progress["continued_from_epoch"],
-        "train_seconds": round(progress["train_seconds"], 1),
-        "backup_seconds": round(progress["backup_seconds"], 2),
-        "history": progress["history"],
-    }
+    done = progress["epochs_completed"]
+    record = {"epochs_completed": done, "interrupted": stop_signal is not None}
+    record["continued_from_epoch"] = progress["continued_from_epoch"]
+    record["train_seconds"] = round(progress["train_seconds"], 1)
+    record["backup_seconds"] = round(progress["backup_seconds"], 2)
+    record["history"] = progress["history"]
     save_json(results | record | details, run.out_dir / "metrics.json")
     print(f"\nSaved {saved} to {run.out_dir}/")
     if stop_signal is None:
         remove_backup(run.out_dir)
         return 0
-    print(f"Run the same command again to continue from epoch {progress['epochs_completed'] + 1}.")
+    print(f"Run the same command again to continue from epoch {done + 1}.")
     return 128 + stop_signal  # the shell's code: 130 for Ctrl-C, 143 for SIGTERM
 
 
@@ -1196,14 +1116,10 @@ def run_training(args):
     fit, held_out = split_validation(len(x_train), args.validation_split, args.seed)
     if max(args.samples) >= len(x_test):
         raise UserError(f"--samples: the test set has images 0 to {len(x_test) - 1} only")
-    options = {
-        "data set": fingerprint(x_train, y_train, x_test, y_test),
-        "--arch": args.arch,
-        "--batch-size": args.batch_size,
-        "--validation-split": args.validation_split,
-        "--seed": args.seed,
-        "--augment": args.augment,
-    }  # --epochs may grow
+    # What a continued run must share with the run it continues (not --epochs: it may grow).
+    options = {"data set": fingerprint(x_train, y_train, x_test, y_test), "--arch": args.arch}
+    options |= {"--batch-size": args.batch_size, "--validation-split": args.validation_split}
+    options |= {"--seed": args.seed, "--augment": args.augment}
     run = open_run(args, "training", options)
     show = use_windows(not args.no_show)
 
@@ -1226,25 +1142,30 @@ def run_training(args):
     )
 
     x_train = keras.ops.convert_to_tensor(x_train)  # one copy, shared by both pipelines
-    fit_batches = functools.partial(batches, x_train, y_train, args.batch_size, fit, halves=split)
 
     def epoch_data(epoch):  # drawn from the seed and the epoch alone, so a run can continue
-        return fit_batches(epoch_key=(args.seed, epoch), augment=args.augment)
+        key = (args.seed, epoch)
+        return batches(x_train, y_train, args.batch_size, fit, key, split, args.augment)
 
     validation = batches(x_train, y_train, EVAL_BATCH_SIZE, held_out, halves=split)
     progress, stop_signal = train_run(model, run, epoch_data, validation, args.epochs, split)
     results = evaluate(model, batches(x_test, y_test, EVAL_BATCH_SIZE), y_test)
-    print_results(results)
+    print(f"\nTest accuracy: {results['test_accuracy']:.4f}")
+    print(f"Test loss: {results['test_loss']:.4f}")
+    print("\nPer-class test accuracy:")
+    for name, accuracy in results["per_class_accuracy"].items():
+        print(f"  {name:<12} {accuracy:7.2%}")
 
-    save_figures(run.out_dir, progress["history"], results, x_test, y_test, args.samples)
-    config = vars(args) | {
-        "precision": precision,
-        "split_batches": split,
-        "keras": keras.__version__,
-    }
+    probabilities, samples, out_dir = results["probabilities"], args.samples, run.out_dir
+    predictions = plot_predictions(x_test[samples], y_test[samples], probabilities[samples])
+    save_figure(predictions, out_dir / "predictions.png")
+    save_figure(plot_training_curves(progress["history"]), out_dir / "training_curves.png")
+    save_figure(plot_confusion_matrix(results["confusion"]), out_dir / "confusion_matrix.png")
+    save_figure(plot_mistakes(x_test, y_test, probabilities), out_dir / "mistakes.png")
+    config = vars(args) | {"precision": precision, "split_batches": split}
     scores = {key: results[key] for key in ("test_accuracy", "test_loss", "per_class_accuracy")}
     saved = "model.keras, metrics.json, history.csv and figures"
-    details = {"config": config, "compute": compute}
+    details = {"config": config | {"keras": keras.__version__}, "compute": compute}
     code = finish_run(run, model, progress, stop_signal, scores, details, saved)
     if show and code == 0:
         import matplotlib.pyplot as plt
