@@ -41,6 +41,14 @@ CSV_NAME, PAGE_NAME = "predictions.csv", "index.html"
 CATALOGUE_FILES = {CSV_NAME, PAGE_NAME}
 
 
+def names_no_class(subfolder):
+    """What finetune and the sort say of a folder whose name is no class's (a typo, say)."""
+    return (
+        f"{subfolder}: names no class; the class folders are (case, spaces, punctuation and "
+        f"plurals ignored): {', '.join(CLASS_NAMES)}"
+    )
+
+
 def find_labelled_photos(folder, sorted_catalogue=False):
     """(path, class index) of every photo in FOLDER's class subfolders, sorted; anything that
     could mislabel or silently drop a photo is refused with one line. A catalogue sorted by
@@ -64,10 +72,7 @@ def find_labelled_photos(folder, sorted_catalogue=False):
     for subfolder in entries:
         label = folder_class(subfolder.name)
         if label is None:
-            raise UserError(
-                f"{subfolder}: names no class; the class folders are (case, spaces, "
-                f"punctuation and plurals ignored): {', '.join(CLASS_NAMES)}"
-            )
+            raise UserError(names_no_class(subfolder))
         files = sorted(
             p for p in subfolder.rglob("*") if p.is_file() and not p.name.startswith(".")
         )

@@ -22,6 +22,9 @@ from fashion_mnist_cnn import MIRRORED, UserError, cpu_info, find_gpus, first_se
 from fashion_shop.photos import COLOUR_SIZE, IMAGE_SUFFIXES
 
 TUNED_NAME = "fashion_mnist_cnn_tuned"  # the name finetune gives the 28x28 models it tunes
+# The end of the name of a model whose probabilities were calibrated (finetune --backbone's):
+# only for such a model do predict's unsure marks and expected share right mean what they say.
+CALIBRATED = "_calibrated"
 
 
 class Kind(NamedTuple):
