@@ -59,6 +59,8 @@ CLASS_NAMES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 
+COMMANDS = ["predict", "finetune", "export"]  # the shop's tools, in fashion_shop/
+
 # The four official files: size in bytes and md5 of the .gz as published by Zalando.
 OFFICIAL_FILES = {
     "train-images-idx3-ubyte.gz": (26_421_880, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
@@ -138,8 +140,8 @@ def add_run_folder_options(parser, what="the model, metrics and figures", suffix
     where = f"where {what} go (default: a new runs/<timestamp>{suffix}/)"
     parser.add_argument("--out-dir", type=Path, default=None, help=where)
     either = parser.add_mutually_exclusive_group()
-    again = "start over in an --out-dir that holds a run, finished or not (without it, an "
-    again += "unfinished run there is continued)"
+    again = "start over: in an --out-dir that holds a run, finished or not, or without --out-dir "
+    again += "in a new folder (without it, an unfinished run with the same options is continued)"
     either.add_argument("--overwrite", action="store_true", help=again)
     newest = "continue the newest unfinished run under runs/, or --out-dir's"
     either.add_argument("--resume", action="store_true", help=newest)
@@ -148,6 +150,7 @@ def add_run_folder_options(parser, what="the model, metrics and figures", suffix
 def parse_train_args(argv):
     parser = ArgumentParser(
         prog="fashion_mnist_cnn.py",
+        usage="%(prog)s [options]  (train)\n       %(prog)s {predict,finetune,export} ...",
         description="Train the classic small CNN on Fashion-MNIST and show what it learned.",
         epilog="Then, with the model.keras a run writes: fashion_mnist_cnn.py predict MODEL "
         "PATH... classifies your own photos and folders; fashion_mnist_cnn.py finetune MODEL "
@@ -192,7 +195,12 @@ def parse_train_args(argv):
     whole = "train on each batch whole, not as two halves side by side (the default where there "
     whole += "are 2 or more cores; same results, only slower)"
     compute.add_argument("--no-split", action="store_true", help=whole)
+    # Only a mistyped command or one after the options lands here: the right ones never do.
+    parser.add_argument("command", nargs="?", choices=COMMANDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.command:
+        parser.error(f"{args.command} comes first: fashion_mnist_cnn.py {args.command} ...")
+    del args.command  # so metrics.json's config holds the options alone
     if args.epochs is None:
         args.epochs = AUGMENT_EPOCHS if args.augment else EPOCHS
     if args.batch_size is None:
@@ -219,9 +227,9 @@ def tensorflow_notes_hidden(shown_on_failure=True):
         os.dup2(log.fileno(), 2)
         try:
             yield
-        except BaseException:
+        except BaseException as error:
             os.dup2(saved_stderr, 2)
-            if shown_on_failure:
+            if shown_on_failure and not isinstance(error, KeyboardInterrupt):
                 log.seek(0)
                 sys.stderr.write(log.read().decode(errors="replace"))
             raise
@@ -882,25 +890,44 @@ def state_checksum(state):
     return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def newest_unfinished_run(command):
-    """What --resume continues: the run folder under runs/ backed up last by `command`."""
+def unfinished_runs(command):
+    """The run folders under runs/ that `command` left unfinished, and their backups' states,
+    the newest first; a state that cannot be read comes as None (read_backup says why)."""
     found = []
     for path in Path("runs").glob("*/backup/state.json"):
         try:
-            ours = json.loads(path.read_text()).get("command", command) == command
+            state = json.loads(path.read_text())
+            ours = state.get("command", command) == command
         except (OSError, ValueError, AttributeError):
-            ours = True  # damaged: read_backup says so
+            state, ours = None, True
         if ours:
-            found.append(path)
-    if not found:
+            found.append((path.stat().st_mtime, path.parent.parent, state))
+    return [(folder, state) for _, folder, state in sorted(found, key=lambda f: f[0], reverse=True)]
+
+
+def newest_unfinished_run(command):
+    """What --resume continues: the run folder under runs/ backed up last by `command`."""
+    runs = unfinished_runs(command)
+    if not runs:
         raise UserError(f"--resume: no unfinished {command} run under runs/ to continue")
-    return max(found, key=lambda path: path.stat().st_mtime).parent.parent
+    return runs[0][0]
 
 
-def check_out_dir(out_dir):
-    """Refuse an --out-dir that cannot be written before any heavy work, making nothing."""
+def check_out_dir(out_dir, overwrite=False, resume=False):
+    """Refuse an --out-dir this run cannot use before any heavy work, making nothing."""
     if out_dir is None:
         return
+    unfinished = (out_dir / "backup" / "state.json").exists()
+    if resume and not unfinished:
+        raise UserError(f"--resume: {out_dir} holds no unfinished run to continue")
+    if (out_dir / "metrics.json").exists() and not (overwrite or unfinished):
+        raise UserError(f"--out-dir {out_dir} holds a finished run; pass --overwrite to replace it")
+    if (out_dir / "model.keras").exists() and not (overwrite or unfinished):
+        # A model put there by hand, perhaps the very one being fine-tuned.
+        raise UserError(
+            f"--out-dir {out_dir} holds a model.keras that this run would replace; give another "
+            "--out-dir, or --overwrite to replace it"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out-dir {out_dir}: a file, not a folder")
     nearest = next(folder for folder in (out_dir, *out_dir.parents) if folder.exists())
@@ -913,26 +940,15 @@ def check_out_dir(out_dir):
 def prepare_out_dir(out_dir, overwrite, suffix="", resume=False, command="training"):
     """Create the run folder, or find the one to continue (read_backup checks it): a default
     one is new per run, so no run overwrites another; --resume takes the newest unfinished."""
-    unfinished = out_dir is not None and (out_dir / "backup" / "state.json").exists()
     if out_dir is None and resume:
         out_dir = newest_unfinished_run(command)
-    elif resume and not unfinished:
-        raise UserError(f"--resume: {out_dir} holds no unfinished run to continue")
     elif out_dir is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + suffix
         out_dir, n = Path("runs") / stamp, 1
         while out_dir.exists():
             n += 1
             out_dir = Path("runs") / f"{stamp}-{n}"
-    elif (out_dir / "metrics.json").exists() and not (overwrite or unfinished):
-        raise UserError(f"--out-dir {out_dir} holds a finished run; pass --overwrite to replace it")
-    elif (out_dir / "model.keras").exists() and not (overwrite or unfinished):
-        # A model put there by hand, perhaps the very one being fine-tuned.
-        raise UserError(
-            f"--out-dir {out_dir} holds a model.keras that this run would replace; give another "
-            "--out-dir, or --overwrite to replace it"
-        )
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, overwrite, resume)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -996,15 +1012,24 @@ class Run(NamedTuple):
 
 def open_run(args, command, options, suffix=""):
     """The run's folder (new, or the one to continue) and its backup, checked before anything
-    is changed; says so when it continues one."""
-    out_dir = prepare_out_dir(args.out_dir, args.overwrite, suffix, args.resume, command)
+    is changed; says so when it continues one. Without --out-dir, the same command continues
+    the newest unfinished run under runs/ with the same options, as a user expects after any
+    stop, even a kill -9 that printed nothing; --overwrite starts a new one instead."""
+    out_dir, same = args.out_dir, ""
+    if out_dir is None and not (args.resume or args.overwrite):
+        runs = unfinished_runs(command)
+        like = [folder for folder, state in runs if state and state.get("options") == options]
+        if like:
+            out_dir = like[0]
+            same = " (an unfinished run with the same options; --overwrite starts anew)"
+    out_dir = prepare_out_dir(out_dir, args.overwrite, suffix, args.resume, command)
     backup = None if args.overwrite else read_backup(out_dir, command, options, args.epochs)
     if backup:
         done = backup["progress"]["epochs_completed"]
         if done == args.epochs:
-            print(f"Continuing {out_dir}: its {done} epochs are done; evaluating and saving")
+            print(f"Continuing {out_dir}: its {done} epochs are done; evaluating and saving{same}")
         else:
-            print(f"Continuing {out_dir} from epoch {done + 1} of {args.epochs}")
+            print(f"Continuing {out_dir} from epoch {done + 1} of {args.epochs}{same}")
     return Run(out_dir, command, options, backup)
 
 
@@ -1111,7 +1136,7 @@ def finish_run(run, model, progress, stop_signal, results, details, saved):
 def run_training(args):
     """Load and scale Fashion-MNIST, build the CNN, fit it with 20% held out, print the test
     accuracy, plot two predictions, and save."""
-    check_out_dir(args.out_dir)  # before the download: a mistake is answered at once
+    check_out_dir(args.out_dir, args.overwrite, args.resume)  # before the download
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(args.data_dir)
     fit, held_out = split_validation(len(x_train), args.validation_split, args.seed)
     if max(args.samples) >= len(x_test):
@@ -1195,7 +1220,7 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8, printed as ls does
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
-        if argv[:1] in (["predict"], ["finetune"], ["export"]):
+        if argv[:1] and argv[0] in COMMANDS:
             choose_onednn(cpu_info()[1])
             return run_shop_command(argv)
         args = parse_train_args(argv)

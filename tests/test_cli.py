@@ -596,3 +596,23 @@ def test_an_out_dir_that_cannot_be_written_is_answered_before_the_download(run_m
     monkeypatch.setattr(fm, "download_data_files", lambda: pytest.fail("downloaded first"))
     result = run_main("--out-dir", "/proc/no-such/run", "--no-show")
     assert_clean_failure(result, "--out-dir /proc/no-such/run: cannot write there")
+
+
+def test_the_usage_line_lists_the_commands_and_a_mistyped_one_is_named(run_main):
+    usage = run_main("--help").stdout.split("\n\n")[0]
+    assert "{predict,finetune,export}" in usage
+    for args, says in [
+        (["pridict", "m.keras"], "invalid choice: 'pridict' (choose from 'predict', 'finetune'"),
+        (["--epochs", "2", "predict"], "predict comes first: fashion_mnist_cnn.py predict ..."),
+    ]:
+        result = run_main(*args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert says in result.stderr
+
+
+@pytest.mark.parametrize("stop, shown", [(KeyboardInterrupt, False), (ImportError, True)])
+def test_tensorflows_notes_stay_hidden_when_ctrl_c_stops_its_start(capfd, stop, shown):
+    with pytest.raises(stop), fm.tensorflow_notes_hidden():
+        os.write(2, b"I0000 cpu_feature_guard.cc: a note\n")
+        raise stop
+    assert ("cpu_feature_guard" in capfd.readouterr().err) is shown

@@ -323,3 +323,19 @@ def test_a_full_disk_is_one_line_that_says_the_same_command_continues(monkeypatc
     assert fm.main(["--epochs", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the disk is full" in err[0] and "same command" in err[0], err
+
+
+def test_the_same_command_continues_a_killed_run_without_out_dir(data, unbroken, tmp_path):
+    """kill -9 prints nothing: the very same command, with no --out-dir, must find the run."""
+    command = training(data, tmp_path)[:-2]  # no --out-dir: runs/<time>/ under tmp_path
+    kill_at(command, "Epoch 3/4", cwd=tmp_path)
+    (killed,) = (tmp_path / "runs").iterdir()
+    result = main_here(*command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = f"Continuing {killed.relative_to(tmp_path)} from epoch 3 of 4 (an unfinished run with"
+    assert said in result.stdout
+    for key in (*SAME, "history.csv"):
+        assert finished(killed)[key] == unbroken[key], key
+    # Finished now: the same command starts a new run.
+    assert main_here(*command, "--epochs", "1", cwd=tmp_path).returncode == 0
+    assert len(list((tmp_path / "runs").iterdir())) == 2
