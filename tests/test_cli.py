@@ -156,6 +156,7 @@ def test_sample_index_beyond_the_test_set(run_main, data_dir, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_no_network_points_to_data_dir(tmp_path):
     # An empty Keras cache and a proxy that refuses connections: a machine with no internet.
     refuse = "http://127.0.0.1:9"
@@ -194,6 +195,7 @@ def run_lone_copy(copy, *args):
     return result
 
 
+@pytest.mark.slow
 def test_the_script_copied_alone_trains(lone_copy, tmp_path):
     assert [p.name for p in lone_copy.parent.iterdir()] == [PROGRAM.name]
     data = make_dataset(tmp_path / "data", n_train=200, n_test=50)
@@ -243,6 +245,7 @@ def finished_run(tmp_path_factory):
     return result, out, data
 
 
+@pytest.mark.slow
 def test_run_prints_summary_progress_and_test_accuracy(finished_run):
     result, _, _ = finished_run
     assert "93,322" in result.stdout
@@ -255,6 +258,7 @@ def test_run_prints_summary_progress_and_test_accuracy(finished_run):
     assert result.stderr.strip() == "", result.stderr
 
 
+@pytest.mark.slow
 def test_run_writes_loadable_model_and_honest_metrics(finished_run):
     import keras
 
@@ -297,6 +301,7 @@ def test_run_writes_loadable_model_and_honest_metrics(finished_run):
     assert not [p for p in out.iterdir() if ".partial" in p.name]  # no temporary left over
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["predictions.png", "training_curves.png", "confusion_matrix.png", "mistakes.png"]
 )
@@ -309,6 +314,7 @@ def test_figures_are_real_images(finished_run, name):
         assert len(np.unique(np.asarray(image.convert("L")))) > 10  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten(run_main, finished_run, data_dir):
     _, out, _ = finished_run
     before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in out.iterdir()}
@@ -318,6 +324,7 @@ def test_finished_run_is_not_overwritten(run_main, finished_run, data_dir):
     assert before == after
 
 
+@pytest.mark.slow
 def test_a_model_put_in_the_out_dir_by_hand_is_not_overwritten(
     run_main, finished_run, data_dir, tmp_path
 ):
@@ -347,6 +354,7 @@ def damage(folder, name, how):
         path.write_bytes(bytes(fm.OFFICIAL_FILES[name][0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, how, message",
     [
@@ -387,6 +395,7 @@ def test_out_dir_that_cannot_be_written(run_main, data_dir, tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "n_train, args, reason",
     [
@@ -411,6 +420,7 @@ def test_whole_batches_when_asked_or_when_halves_cannot_be(
         assert reason in compute["why"]["split_batches"], compute["why"]
 
 
+@pytest.mark.slow
 def test_bf16_asked_of_an_avx2_cpu_trains_on_tensorflows_own_kernels(data_dir, tmp_path):
     # oneDNN has no bf16 convolutions below AVX-512: with it on, the first step would fail.
     # The cap makes any machine's oneDNN an AVX2 CPU's.
@@ -422,6 +432,7 @@ def test_bf16_asked_of_an_avx2_cpu_trains_on_tensorflows_own_kernels(data_dir, t
     assert "bfloat16" in result.stdout and "oneDNN off" in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_augment_trains_the_classic_model_and_saves_it_without_augmentation(
     run_main, data_dir, tmp_path
 ):
@@ -466,6 +477,7 @@ def test_validation_split_that_leaves_nothing(run_main, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_default_out_dir_is_new_per_run(run_main, data_dir, tmp_path):
     for _ in range(2):
         result = run_main("--data-dir", data_dir, "--epochs", "1", "--no-show", cwd=tmp_path)
@@ -474,6 +486,7 @@ def test_default_out_dir_is_new_per_run(run_main, data_dir, tmp_path):
     assert len(runs) == 2 and all((run / "metrics.json").is_file() for run in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="halves need 2 cores")
 @pytest.mark.parametrize("options, halves", [([], True), (["--no-split"], False)])
 def test_same_seed_same_numbers_to_the_last_bit(run_main, data_dir, tmp_path, options, halves):
@@ -492,6 +505,7 @@ def test_same_seed_same_numbers_to_the_last_bit(run_main, data_dir, tmp_path, op
         assert metrics[0][key] == metrics[1][key], key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_signal, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_saves_what_was_learned(tmp_path, stop_signal, code):
     data = make_dataset(tmp_path / "data", n_train=3000, n_test=100)
@@ -517,6 +531,7 @@ def test_ctrl_c_or_sigterm_saves_what_was_learned(tmp_path, stop_signal, code):
     assert keras.models.load_model(out / "model.keras").count_params() == 93_322
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_quits_at_once(tmp_path):
     # A large test set, so that the first Ctrl-C's evaluation and saving are still under way.
     data = make_dataset(tmp_path / "data", n_train=3000, n_test=30_000)
@@ -539,6 +554,7 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path):
         json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/fashion-mnist absent")
 def test_real_sample_end_to_end(run_main, tmp_path):
     out = tmp_path / "out"
@@ -552,6 +568,7 @@ def test_real_sample_end_to_end(run_main, tmp_path):
     assert {"model.keras", "metrics.json", "predictions.png"} <= {p.name for p in out.iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (SHARED / "real-subset").is_dir(), reason="../shared/fashion-mnist/real-subset absent"
 )
@@ -568,6 +585,7 @@ def test_one_epoch_on_real_images_clearly_learns(run_main, tmp_path):
     assert sum(a > 0.3 for a in metrics["per_class_accuracy"].values()) >= 9
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "full").is_dir(), reason="../shared/fashion-mnist/full absent")
 def test_one_epoch_on_the_full_data_from_the_keras_cache_clearly_learns(tmp_path):
     # As a user runs it: no --data-dir, the official files already in the Keras cache, so the

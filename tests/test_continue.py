@@ -76,6 +76,7 @@ def unbroken(data, tmp_path_factory):
     return finished(out) | {"out": out}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "line, says, epochs_done",
     [
@@ -85,10 +86,13 @@ def unbroken(data, tmp_path_factory):
     ],
 )
 def test_killed_run_continues_to_the_unbroken_runs_numbers(
-    data, unbroken, tmp_path, line, says, epochs_done
+    data, unbroken, killed_run, tmp_path, line, says, epochs_done
 ):
     out = tmp_path / "out"
-    kill_at(training(data, out), line)
+    if line == "Epoch 3/4":  # killed_run was killed there already
+        shutil.copytree(killed_run, out)
+    else:
+        kill_at(training(data, out), line)
     assert not (out / "metrics.json").exists()
     result = main_here(*training(data, out))
     assert result.returncode == 0, result.stderr
@@ -102,6 +106,7 @@ def test_killed_run_continues_to_the_unbroken_runs_numbers(
     assert not (out / "backup").exists()  # a finished run keeps no backup
 
 
+@pytest.mark.slow
 def test_options_continue_exactly_and_resume_finds_the_newest_unfinished_run(data, tmp_path):
     """--arch improved --augment: dropout, mirroring and batch order all continue as in an
     unbroken run; --resume with no --out-dir takes the newest unfinished run under runs/."""
@@ -123,6 +128,7 @@ def test_options_continue_exactly_and_resume_finds_the_newest_unfinished_run(dat
         assert continued[key] == whole[key], key
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_the_same_command_with_more_epochs_trains_on(data, tmp_path):
     out = tmp_path / "out"
     process = start_program(*training(data, out))
@@ -178,6 +184,7 @@ def foreign_weights(out):
     edit_state(out, lambda state: state.update(weights_sha256=fm.file_sha256(weights)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, fragments",
     [
@@ -208,6 +215,7 @@ def test_damaged_or_foreign_backup_is_refused_and_left_alone(
     assert folder_state(unfinished) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options, fragment",
     [
@@ -231,6 +239,7 @@ def test_continuing_with_other_options_is_refused_and_changes_nothing(
     assert folder_state(unfinished) == before
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over_and_resume_needs_an_unfinished_run(
     run_main, data, unfinished, tmp_path
 ):
@@ -244,6 +253,7 @@ def test_overwrite_starts_over_and_resume_needs_an_unfinished_run(
     assert_clean_failure(result, "--resume: no unfinished training run under runs/")
 
 
+@pytest.mark.slow
 def test_a_backup_holds_weights_adam_and_dropout_state_and_restores_them(tmp_path):
     """In process: what is saved after an epoch comes back into a freshly built model, and a
     failure between writing the weights and state.json leaves the previous backup usable."""
@@ -279,6 +289,7 @@ def test_a_backup_holds_weights_adam_and_dropout_state_and_restores_them(tmp_pat
     assert len(fm.random_state(fresh)) == 2  # the two Dropout layers' seed state
 
 
+@pytest.mark.slow
 def test_finetune_killed_continues_to_the_unbroken_runs_numbers(unbroken, tmp_path):
     photos = photo_folder(tmp_path / "photos", per_class=12, relabel=1)
     model = unbroken["out"] / "model.keras"
@@ -287,6 +298,7 @@ def test_finetune_killed_continues_to_the_unbroken_runs_numbers(unbroken, tmp_pa
     assert result.returncode == 0, result.stderr
     out = tmp_path / "killed"
     kill_at((*command, out), "Epoch 5/8")
+    shutil.copytree(out, tmp_path / "other")  # unfinished, for another model below
     result = main_here(*command, out)
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
@@ -297,7 +309,6 @@ def test_finetune_killed_continues_to_the_unbroken_runs_numbers(unbroken, tmp_pa
         assert continued[key] == whole[key], key
     assert not (out / "backup").exists()
     # The same folder, another model: refused, nothing changed.
-    kill_at((*command, tmp_path / "other"), "Epoch 2/8")
     before = folder_state(tmp_path / "other")
     load_trained_model(model).save(tmp_path / "copy.keras")  # the same, saved anew: another file
     result = main_here("finetune", tmp_path / "copy.keras", photos, "--out-dir", tmp_path / "other")
@@ -325,6 +336,7 @@ def test_a_full_disk_is_one_line_that_says_the_same_command_continues(monkeypatc
     assert len(err) == 1 and "the disk is full" in err[0] and "same command" in err[0], err
 
 
+@pytest.mark.slow
 def test_the_same_command_continues_a_killed_run_without_out_dir(data, unbroken, tmp_path):
     """kill -9 prints nothing: the very same command, with no --out-dir, must find the run."""
     command = training(data, tmp_path)[:-2]  # no --out-dir: runs/<time>/ under tmp_path

@@ -220,6 +220,7 @@ def test_halves_give_the_whole_batch_loss_and_gradients():
         assert np.allclose(whole, halves, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_in_halves_is_training_on_the_whole_batch(tmp_path):
     """Same start, same batches (odd sizes too): the same history, weights and Adam state, up
     to rounding. Adam's first steps go by the gradients' signs, so where a gradient is about
@@ -249,6 +250,7 @@ def test_training_in_halves_is_training_on_the_whole_batch(tmp_path):
     assert int(split_adam.iterations) == int(whole_adam.iterations) == 8
 
 
+@pytest.mark.slow
 def test_evaluate_agrees_with_keras_evaluate():
     keras.utils.set_random_seed(0)
     labels = np.arange(300) % 10
@@ -277,6 +279,7 @@ def test_mistakes_are_the_wrong_predictions_most_confident_first():
                       "#1: Sandal 60%\ntrue: Trouser"]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_training_learns_visually_distinct_classes(tmp_path, precision):
     """A short run must separate ten plainly different patterns; a broken loop cannot."""
@@ -309,6 +312,7 @@ def test_training_learns_visually_distinct_classes(tmp_path, precision):
     assert np.trace(results["confusion"]) / 300 == pytest.approx(results["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_an_epoch_is_its_batches_and_no_more(tmp_path):
     """101 images in batches of 33: 4 steps an epoch, though Keras runs 32 steps per call."""
     labels = np.arange(101) % 10
@@ -319,6 +323,7 @@ def test_an_epoch_is_its_batches_and_no_more(tmp_path):
     assert int(model.optimizer.iterations) == 8
 
 
+@pytest.mark.slow
 def test_improved_model_builds_trains_saves_loads_and_predicts(tmp_path):
     keras.utils.set_random_seed(0)
     labels = np.arange(64) % 10
