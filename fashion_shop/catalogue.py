@@ -14,7 +14,9 @@ from typing import NamedTuple
 from fashion_mnist_cnn import CLASS_NAMES, UserError, atomic_path
 
 CSV_HEADER = ["path", "class", "probability", "top3", "error"]
-SORTED_HEADER = [*CSV_HEADER, "sorted_as"]  # with --sort-into: where the photo went, in DIR
+# With --sort-into: where the photo went, in DIR, and which model answered (sorting.model_id).
+SORTED_HEADER = [*CSV_HEADER, "sorted_as", "model"]
+EARLIER_SORTED_HEADER = SORTED_HEADER[:-1]  # a folder sorted before the model was recorded
 # A file name that is not UTF-8 (copied from an old system) goes into the CSV as its own bytes,
 # as `ls` shows it, and --resume reads it back to the same path.
 FILE_NAME_BYTES = "surrogateescape"
@@ -31,6 +33,7 @@ class Row(NamedTuple):
     top3: tuple  # ((class, probability), ...) likeliest first, to 0.1%; () for a photo not read
     error: str = ""
     sorted_as: str = ""  # with --sort-into: where the photo went, relative to DIR ("" nowhere)
+    model: str = ""  # with --sort-into: the model that answered, by sorting.model_id ("" unknown)
 
     def columns(self):
         """The row as the CSV's columns, by name."""
@@ -41,6 +44,7 @@ class Row(NamedTuple):
             "top3": "; ".join(f"{name} {probability:.1%}" for name, probability in self.top3),
             "error": self.error,
             "sorted_as": self.sorted_as,
+            "model": self.model,
         }
 
 
@@ -55,6 +59,7 @@ def result_row(result):
         tuple((name, round(probability * 100, 1) / 100) for name, probability in top),
         result.get("error", ""),
         result.get("sorted_as", ""),
+        result.get("model", ""),
     )
 
 
@@ -72,8 +77,10 @@ def parse_row(header, fields):
     except ValueError:
         return None
     probability = float(columns["probability"]) if answered else None
-    sorted_as = columns.get("sorted_as", "")
-    return Row(columns["path"], columns["class"], probability, top3, columns["error"], sorted_as)
+    sorted_as, model = columns.get("sorted_as", ""), columns.get("model", "")
+    return Row(
+        columns["path"], columns["class"], probability, top3, columns["error"], sorted_as, model
+    )
 
 
 def shown_answer(shown):
@@ -88,7 +95,8 @@ def read_rows_done(path, paths, sorted_into=None):
     """The rows that an interrupted run left in the CSV at path, checked against the photos to
     classify now; (rows, bytes that hold them whole). A row cut off by the stop is left out.
     The CSV of a --sort-into folder also keeps the rows of earlier runs' photos, and of a photo
-    classified again, the last row counts."""
+    classified again, the last row counts; one written before the model column (bytes None)
+    is rewritten with it before rows are added."""
 
     def refuse(reason):
         if sorted_into:
@@ -116,8 +124,10 @@ def read_rows_done(path, paths, sorted_into=None):
         lines = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as error:
         refuse(f"is damaged ({error})")
-    if lines[:1] != [header]:
+    earlier = bool(sorted_into) and lines[:1] == [EARLIER_SORTED_HEADER]
+    if lines[:1] != [header] and not earlier:
         refuse("was not written by predict (its first line is not " + ",".join(header) + ")")
+    header = EARLIER_SORTED_HEADER if earlier else header
     rows, wanted, seen = [], {str(p) for p in paths}, set()
     for number, fields in enumerate(lines[1:], start=2):
         row = parse_row(header, fields)
@@ -131,7 +141,7 @@ def read_rows_done(path, paths, sorted_into=None):
         rows.append(row)
     if sorted_into:
         rows = list({row.path: row for row in rows}.values())
-    return rows, rows_end
+    return rows, None if earlier else rows_end
 
 
 def is_probability(text):

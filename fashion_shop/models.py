@@ -10,10 +10,15 @@ one place that reads it:
                                                     mirror image too, the answers averaged
     fashion_mnist_cnn_tuned                         finetune's: photos as photographed
     any name, with a 224x224x3 input                finetune --backbone's: the colour photo
+    ... ending in _calibrated                       its probabilities calibrated (finetune
+                                                    --backbone's, on enough photos): only then
+                                                    do predict's unsure marks and expected share
+                                                    right mean what they say
 """
 
 import json
 import zipfile
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -32,18 +37,20 @@ class Kind(NamedTuple):
 
     photos: str  # how its photos are prepared: a key of fashion_shop.photos.PREPARATIONS
     mirrored: bool  # whether its answers for a photo and its mirror image are averaged
+    calibrated: bool = False  # whether its probabilities were calibrated (its name says so)
 
 
 def model_kind(name, input_shape):
     """What a model is, from its name and the shape of one input; None if not one of ours."""
-    input_shape = tuple(input_shape)
+    input_shape, calibrated = tuple(input_shape), name.endswith(CALIBRATED)
     if input_shape == (COLOUR_SIZE, COLOUR_SIZE, 3):
-        return Kind("colour", mirrored=False)
+        return Kind("colour", mirrored=False, calibrated=calibrated)
     if input_shape != (28, 28, 1):
         return None
-    if name == TUNED_NAME:
-        return Kind("as photographed", mirrored=False)
-    return Kind("fashion-mnist", mirrored=name.endswith(MIRRORED))
+    if name.removesuffix(CALIBRATED) == TUNED_NAME:
+        return Kind("as photographed", mirrored=False, calibrated=calibrated)
+    mirrored = name.removesuffix(CALIBRATED).endswith(MIRRORED)
+    return Kind("fashion-mnist", mirrored=mirrored, calibrated=calibrated)
 
 
 def kind_of(model):
@@ -87,19 +94,32 @@ def in_float32(model):
             layer.dtype_policy = "float32"
 
 
-def check_model_file(path):
+MODEL_SUFFIXES = (".keras", ".h5")
+
+
+def looks_like_a_model(path):
+    """Whether path is a file that could be a model: its suffix, and a model file's first bytes."""
+    try:
+        return path.suffix.lower() in MODEL_SUFFIXES and path.is_file() and is_model_file(path)
+    except UserError:  # cannot be read: not taken for a model
+        return False
+
+
+def check_model_file(path, given_after=(), then="the photos"):
     """Refuse in one line, before TensorFlow loads, a MODEL that is no model file: missing, a
-    folder, a photo, or cut short."""
+    folder, a photo, or cut short. Where it is a photo, or a model file is among given_after
+    (the arguments after MODEL), the arguments were given in the wrong order: said so."""
+    swapped = any(looks_like_a_model(Path(other)) for other in given_after)
+    order = f"; MODEL comes first, then {then}"
     if path.is_dir():
         inside = path / "model.keras"
-        hint = f"; the run's model is {inside}" if inside.is_file() else ""
+        hint = f"; the run's model is {inside}" if inside.is_file() else order * swapped
         raise UserError(f"{path}: a folder, not a model file{hint}")
     if not path.is_file():
-        raise UserError(f"{path}: no such model file")
+        raise UserError(f"{path}: no such model file{order * swapped}")
     if not is_model_file(path):  # Keras would say "File not found" of a photo or a cut file
-        swapped = path.suffix.lower() in IMAGE_SUFFIXES
-        hint = "; MODEL comes first, then the photos" if swapped else ""
-        raise UserError(f"{path}: not a Keras model file, or a damaged one{hint}")
+        swapped = swapped or path.suffix.lower() in IMAGE_SUFFIXES
+        raise UserError(f"{path}: not a Keras model file, or a damaged one{order * swapped}")
 
 
 def load_trained_model(path):

@@ -54,7 +54,8 @@ def parse_predict_args(argv):
         "model",
         type=Path,
         help="a model.keras written by a run (for real product photos, train it with --arch "
-        "improved --augment: about 69%% of them right, against the default run's 60%%)",
+        "improved --augment: about 67%% of them right, against the default run's 57%%; a "
+        "model from finetune --backbone mobilenet_v2 on labelled photos: 80-89%%)",
     )
     parser.add_argument(
         "paths",
@@ -81,19 +82,30 @@ def parse_predict_args(argv):
         "--sort-into",
         type=Path,
         metavar="DIR",
-        help="put every photo into DIR/<class>/ (a hard link where the disk allows), into "
-        f"DIR/<class>/{sorting.UNSURE}/ where the model is unsure, with DIR/{sorting.CSV_NAME} "
-        f"(unless --csv) and a review page, DIR/{sorting.PAGE_NAME}; run again to add photos or "
-        "refresh the page after moving photos to correct them (photos sorted already are "
-        "skipped, and what a person moved or put there is never touched)",
+        help="put a copy of every photo into DIR/<class>/ (a copy-on-write clone where the "
+        f"file system has them), into DIR/<class>/{sorting.UNSURE}/ where the model is unsure, "
+        f"with DIR/{sorting.CSV_NAME} (unless --csv) and a review page, DIR/{sorting.PAGE_NAME}; "
+        "run again to add photos or refresh the page after moving photos to correct them "
+        "(photos sorted already are skipped, and what a person moved or put there is never "
+        "touched)",
     )
     sort.add_argument(
         "--unsure",
         type=share_of_one(),
         metavar="P",
-        help=f"with --sort-into: mark photos whose top probability is under P (default: "
-        f"{sorting.UNSURE_BELOW}: with a finetune --backbone model, about a quarter of real "
-        "shop photos, holding four fifths of the mistakes)",
+        help="with --sort-into: mark photos whose top probability is under P. Default, for a "
+        f"model whose probabilities are calibrated (finetune --backbone's): {sorting.UNSURE_BELOW}"
+        ", about a quarter of real shop photos, holding four fifths of the mistakes. A model "
+        "that is not calibrated (a 28x28 one, sure of many of its mistakes) marks none unless "
+        "P is given: every photo goes to its class folder, the page shows each class least sure "
+        "first and promises no share right",
+    )
+    sort.add_argument(
+        "--link",
+        action="store_true",
+        help="with --sort-into: put hard links to the photos there (symbolic links where the "
+        "disk has none) instead of copies: no room taken, but editing a sorted photo then edits "
+        "the original",
     )
     sort.add_argument(
         "--reclassify",
@@ -104,10 +116,8 @@ def parse_predict_args(argv):
     args = parser.parse_args(argv)
     if args.resume and not (args.csv or args.sort_into):
         parser.error("--resume continues a --csv FILE: give the FILE")
-    if (args.unsure is not None or args.reclassify) and not args.sort_into:
-        parser.error("--unsure and --reclassify sort into a folder: give --sort-into DIR")
-    if args.unsure is None:
-        args.unsure = sorting.UNSURE_BELOW
+    if (args.unsure is not None or args.reclassify or args.link) and not args.sort_into:
+        parser.error("--unsure, --reclassify and --link sort into a folder: give --sort-into DIR")
     return args
 
 
@@ -198,11 +208,13 @@ class Catalogue(NamedTuple):
 
     csv: Path | None  # --csv FILE, or DIR's CSV with --sort-into
     sort_into: Path | None
-    unsure_below: float  # with --sort-into: photos under this top probability are marked
+    unsure_below: float | None  # with --sort-into: photos under it are marked (None: none are)
     json: bool  # the results printed as JSON at the end
     rows: list  # the rows done: a stopped run's (--resume), or a sorted folder's, each photo's last
-    rows_bytes: int  # the bytes of the CSV that hold them, kept (0: the CSV is new)
+    rows_bytes: int | None  # the CSV's bytes that hold them, kept (0: new; None: to rewrite)
     again: set  # the photos sorted already that are classified once more (--reclassify)
+    link: bool = False  # --link: photos linked into DIR rather than copied
+    model: str = ""  # with --sort-into: the model's id in DIR's record (sorting.record_model)
 
     @property
     def each_line(self):
@@ -238,7 +250,21 @@ def read_catalogue(args, paths):
         catalogue.refuse_to_replace_other_files(args.csv)
     if csv_path:
         catalogue.refuse_unwritable(csv_path)
-    return Catalogue(csv_path, args.sort_into, args.unsure, args.json, rows, rows_bytes, again)
+    return Catalogue(
+        csv_path, args.sort_into, args.unsure, args.json, rows, rows_bytes, again, args.link
+    )
+
+
+def sorting_model(state, path, calibrated):
+    """With --sort-into, the model recorded in DIR, and --unsure's default for it: marks only
+    where its probabilities are calibrated."""
+    if not state.sort_into:
+        return state
+    unsure_below = state.unsure_below
+    if unsure_below is None and calibrated:
+        unsure_below = sorting.UNSURE_BELOW
+    ident = sorting.record_model(state.sort_into, path, calibrated)
+    return state._replace(unsure_below=unsure_below, model=ident)
 
 
 def classify_catalogue(model, prepared, state, progress):
@@ -249,16 +275,22 @@ def classify_catalogue(model, prepared, state, progress):
     results, rows, done, errors = [], [], 0, 0
     sorter = None
     if state.sort_into:
-        sorter = sorting.Sorter(state.sort_into, state.unsure_below, state.rows, state.again)
+        sorter = sorting.Sorter(
+            state.sort_into, state.unsure_below, state.rows, state.again, state.link
+        )
     write = contextlib.nullcontext()
     if state.csv:
         header = catalogue.SORTED_HEADER if sorter else catalogue.CSV_HEADER
-        write = catalogue.predictions_csv(state.csv, state.rows_bytes, header)
+        rows_bytes = state.rows_bytes
+        if rows_bytes is None:  # a sorted folder's CSV from before the model column
+            rows_bytes = catalogue.rewrite(state.csv, header, state.rows)
+        write = catalogue.predictions_csv(state.csv, rows_bytes, header)
     stopping = stop_gracefully(then="finishing this batch, then stopping", file=sys.stderr)
     with write as write_rows, stopping as stop:
         for batch in classify_batches(model, prepared):
             for result in batch if sorter else []:
                 result["sorted_as"] = sorter.place(result)
+                result["model"] = state.model
             batch_rows = [catalogue.result_row(result) for result in batch]
             if write_rows:
                 write_rows(batch_rows)
@@ -273,20 +305,57 @@ def classify_catalogue(model, prepared, state, progress):
     return Outcome(results, done, errors, stop["signal"], rows)
 
 
-def finish_sorting(state, outcome):
+def photos_count(n):
+    return f"{n:,} photo{'s' * (n != 1)}"
+
+
+def finish_sorting(state, outcome, model_path):
     """The review page written from every row, the sorted folder's and this run's, and the
-    class folders as they are now; after --reclassify, the CSV rewritten with each photo's last
-    row only."""
+    folder as it is now, and the summary: the photos seen (classified now, there before, and
+    outside the class folders, each such folder listed), what to check and how right it is
+    expected to be; after --reclassify, the CSV rewritten with each photo's last row only."""
     rows = list({row.path: row for row in [*state.rows, *outcome.rows]}.values())
     if state.again and outcome.stop_signal is None:
         catalogue.rewrite(state.csv, catalogue.SORTED_HEADER, rows)
-    files = sorting.scan(state.sort_into)
-    review_page.write_page(state.sort_into, rows, files, state.unsure_below)
-    to_check = sum(sorting.UNSURE in rel.parts[1:-1] for rel in files)
-    print(
-        f"Sorted into {state.sort_into}/: {len(files):,} photos, {to_check:,} to check (in the "
-        f"{sorting.UNSURE} folders); review page {state.sort_into / sorting.PAGE_NAME}"
+    models = sorting.read_models(state.sort_into)
+    view = review_page.overview(state.sort_into, rows, models)
+    review_page.write_page(state.sort_into, view, state.unsure_below)
+    out = sys.stderr if state.json else sys.stdout  # stdout holds the JSON alone
+    for where, away in view.outside.items():
+        line = sorting.outside_line(state.sort_into, where, [rel for rel, _ in away])
+        print(f"note: {line}", file=out)
+    others = [row for _, _, row in view.photos if row and row.model != state.model]
+    if others:
+        record = models.get(others[0].model, {})
+        which = record.get("path", "a model not recorded")
+        which += ", and others" * (len({row.model for row in others}) > 1)
+        print(
+            f"note: {photos_count(len(others))} in {state.sort_into}/ "
+            f"{'was' if len(others) == 1 else 'were'} sorted by another model ({which}), not "
+            f"{model_path}, and keep its answers; to classify them again with it, give their "
+            "photos with --reclassify",
+            file=out,
+        )
+    now = {Path(row.sorted_as) for row in outcome.rows if row.sorted_as}
+    placed = sum(rel in now for _, rel, _ in view.photos)
+    before, away = len(view.photos) - placed, view.total - len(view.photos)
+    counts = (
+        f"{photos_count(view.total)}: {placed:,} classified now, {before:,} there before, "
+        f"{away:,} outside the class folders"
     )
+    page = state.sort_into / sorting.PAGE_NAME
+    if view.not_calibrated:
+        marked = "none marked to check"
+        if view.to_check:
+            asked = f", under --unsure {state.unsure_below}" * (state.unsure_below is not None)
+            marked = f"{view.to_check:,} in the {sorting.UNSURE} folders{asked}"
+        told = f"{marked}: {review_page.not_calibrated_line(view.not_calibrated)}"
+    else:
+        told = f"{view.to_check:,} to check (in the {sorting.UNSURE} folders)"
+        if view.expected:
+            as_sorted, checked = view.expected
+            told += f", expected {as_sorted:.0%} right as sorted and {checked:.0%} once checked"
+    print(f"Sorted into {state.sort_into}/: {counts}; {told}; review page {page}", file=out)
 
 
 def main(argv):
@@ -295,7 +364,7 @@ def main(argv):
     are done -> a summary."""
     args = parse_predict_args(argv)
     start = time.perf_counter()
-    check_model_file(args.model)
+    check_model_file(args.model, args.paths)
     paths = photos.find_images(args.paths)
     if args.sort_into:  # a catalogue's photos by their full paths, never the catalogue's own
         inside = args.sort_into.absolute()
@@ -315,6 +384,7 @@ def main(argv):
         model = load_trained_model(args.model)
         if kind_of(model).photos != declared.photos:
             raise UserError(f"{args.model}: its config and its model disagree on the input")
+        state = sorting_model(state, args.model.absolute(), kind_of(model).calibrated)
         progress = None
         if todo and not quiet:
             progress = catalogue.show_progress(len(todo), on_terminal, start)
@@ -324,14 +394,15 @@ def main(argv):
     if state.json:
         print(json.dumps(outcome.results, indent=2))
     elif state.csv:
-        before = f"; {len(state.rows):,} were in it already" if state.rows else ""
+        kept = len(state.rows) - len(state.again)  # a photo classified again is counted once
+        before = f"; {kept:,} {'was' if kept == 1 else 'were'} in it already" if kept else ""
         print(
             f"Classified {done - errors:,} of {done:,} photos in {seconds:.1f} s "
             f"({catalogue.per_second(done, seconds)}), {errors:,} could not be read; "
             f"rows in {state.csv}{before}"
         )
     if state.sort_into:
-        finish_sorting(state, outcome)
+        finish_sorting(state, outcome, args.model)
     if outcome.stop_signal:
         line = f"Stopped after {done:,} of {len(todo):,} photos"
         if state.sort_into:

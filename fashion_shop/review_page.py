@@ -1,15 +1,29 @@
 """DIR/index.html, the review page of a sorted catalogue: one static file that opens from the
 disk (nothing from a server or the internet), with each class's photos as thumbnails, least
-sure first, the ones to check marked, and how right the catalogue is for the share checked."""
+sure first, the ones to check marked, the photos outside the class folders listed, and, where
+the model's probabilities are calibrated, how right the catalogue is for the share checked.
+overview() counts what the page and predict's summary say, once."""
 
 import html
 import os
 import urllib.parse
 from pathlib import Path
+from typing import NamedTuple
 
 from fashion_mnist_cnn import CLASS_NAMES, atomic_path
 from fashion_shop.photos import thumbnail_name
-from fashion_shop.sorting import PAGE_NAME, THUMBNAILS, UNSURE, match
+from fashion_shop.sorting import (
+    PAGE_NAME,
+    THUMBNAILS,
+    UNSURE,
+    match,
+    outside_classes,
+    outside_line,
+    scan,
+)
+
+# What to sort with instead of a model whose probabilities are not calibrated.
+CALIBRATED_INSTEAD = "finetune --backbone mobilenet_v2 on labelled photos"
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -44,18 +58,87 @@ def link(path):
 
 
 def entries(rows, files):
-    """Each photo in the class folders now, with what predict answered for it (None for a
-    photo a person put there): (class index, path, row), least sure first in each class."""
+    """Each photo in files now, with what predict answered for it (None for a photo a person
+    put there): (class index, or None outside the class folders, path, row), least sure first
+    in each class."""
     answers = {row.path: row for row in rows}
     now, others = match(rows, files)
     found = [(files[rel], rel, answers[photo]) for photo, rel in now.items() if rel is not None]
     found += [(files[rel], rel, None) for rel in others]
-    return sorted(found, key=lambda e: (e[0], e[2].probability if e[2] else 2.0, str(e[1])))
+
+    def order(entry):
+        label, rel, row = entry
+        return (-1 if label is None else label, row.probability if row else 2.0, str(rel))
+
+    return sorted(found, key=order)
+
+
+def is_unsure(rel):
+    return UNSURE in Path(rel).parts[1:-1]
+
+
+class Overview(NamedTuple):
+    """A sorted folder as it is now, as the page and predict's summary tell it."""
+
+    photos: list  # (class index, path, row or None) in the class folders, least sure first
+    outside: dict  # {folder: [(path, row or None)]}: photos outside the class folders
+    to_check: int  # photos in unsure folders
+    corrected: int  # photos a person moved to another class than predict's answer
+    not_calibrated: list  # the files of the models not calibrated whose answers are shown
+    expected: tuple | None  # calibrated: the share right expected as sorted, and once checked
+
+    @property
+    def total(self):
+        return len(self.photos) + sum(map(len, self.outside.values()))
+
+
+def overview(folder, rows, models):
+    """The folder's photos now with their rows; models: the folder's record of the models that
+    sorted it (sorting.read_models), which says whose probabilities are calibrated."""
+    files = scan(folder)
+    outside = outside_classes(folder)
+    where = {rel: place for place, photos in outside.items() for rel in photos}
+    everything = entries(rows, {**files, **dict.fromkeys(where)})
+    photos = [entry for entry in everything if entry[0] is not None]
+    away = {place: [] for place in outside}
+    for _, rel, row in (entry for entry in everything if entry[0] is None):
+        away[where[rel]].append((rel, row))
+    answered = [(rel, row) for _, rel, row in photos if row]
+    not_calibrated = sorted(
+        {
+            models.get(row.model, {}).get("path", "a model not recorded")
+            for _, row in answered
+            if not models.get(row.model, {}).get("calibrated")
+        }
+    )
+    expected = None
+    if answered and not not_calibrated:
+        sure = sum(row.probability for rel, row in answered if not is_unsure(rel))
+        checked = sum(is_unsure(rel) for rel, _ in answered)
+        as_sorted = sum(row.probability for _, row in answered)
+        expected = (as_sorted / len(answered), (checked + sure) / len(answered))
+    return Overview(
+        photos,
+        away,
+        sum(is_unsure(rel) for _, rel, _ in photos),
+        sum(is_corrected(label, row) for label, _, row in photos),
+        not_calibrated,
+        expected,
+    )
+
+
+def not_calibrated_line(models):
+    """What predict and the page say where a model's probabilities are not calibrated."""
+    return (
+        f"the probabilities of {' and '.join(models)} are not calibrated (a model trained on "
+        "28x28 images can be 99% sure of a mistake), so nothing is promised of how many are "
+        f"right; for that, sort with a model from {CALIBRATED_INSTEAD}"
+    )
 
 
 def is_corrected(label, row):
     """Whether a person moved the photo to another class folder than predict's answer."""
-    return row is not None and row.answer != CLASS_NAMES[label]
+    return row is not None and label is not None and row.answer != CLASS_NAMES[label]
 
 
 def curve_points(probabilities, right):
@@ -151,15 +234,58 @@ def photo_html(folder, label, rel, row):
     )
 
 
-def write_page(folder, rows, files, unsure_below):
-    """Write folder/index.html, whole, from the CSV's rows and the class folders as they are."""
-    photos = entries(rows, files)
-    to_check = sum(UNSURE in Path(rel).parts[1:-1] for _, rel, _ in photos)
-    corrected = sum(is_corrected(label, row) for label, _, row in photos)
+def summary_html(folder, view, unsure_below):
+    """The paragraph above the figure: what to check, and what is promised of it."""
+    fix = (
+        f"Move a photo that is wrong into the right class folder, one that is right out of "
+        f"<code>{UNSURE}</code>; then run the same predict command again to refresh this page. "
+        f'<span id="corrected">{view.corrected:,}</span> corrected by a person so far.'
+    )
+    if view.not_calibrated:
+        marked = (
+            f'the <b id="to-check">{view.to_check:,}</b> in <code>{UNSURE}</code> folders are '
+            "only those under the share asked for (--unsure) of the model's own probability"
+            if view.to_check
+            else 'none is marked to check (<b id="to-check">0</b>)'
+        )
+        return (
+            f'<p id="not-calibrated"><b>Check every class, least sure first:</b> '
+            f"{html.escape(not_calibrated_line(view.not_calibrated))}; {marked}.</p>\n"
+            f'<p id="summary">{fix}</p>'
+        )
+    expected = ""
+    if view.expected:
+        as_sorted, checked = view.expected
+        expected = (
+            f' Expected right: <b id="expected">{as_sorted:.0%}</b> as sorted, '
+            f'<b id="expected-checked">{checked:.0%}</b> once those are checked.'
+        )
+    why = f"the model gave them under {unsure_below:.0%}" if unsure_below else "the model is unsure"
+    return (
+        f'<p id="summary"><b id="to-check">{view.to_check:,}</b> to check: {why}, so they are '
+        f"in each class's <code>{UNSURE}</code> folder and shown first, marked.{expected} {fix}</p>"
+    )
+
+
+def outside_html(folder, view):
+    """The photos in no class folder, each folder's with the sort's line for it."""
+    parts = []
+    for where, photos in view.outside.items():
+        figures = "\n".join(photo_html(folder, None, rel, row) for rel, row in photos)
+        line = outside_line(folder, where, [rel for rel, _ in photos])
+        parts.append(
+            f'<section class="outside" data-folder="{shown(where)}" data-count="{len(photos)}">'
+            f'<p class="mark">{shown(line)}</p><div class="photos">\n{figures}\n</div></section>'
+        )
+    return "\n".join(parts)
+
+
+def write_page(folder, view, unsure_below):
+    """Write folder/index.html, whole, from an overview() of the folder."""
     count_rows, sections = [], []
     for label, name in enumerate(CLASS_NAMES):
-        mine = [(rel, row) for index, rel, row in photos if index == label]
-        unsure = sum(UNSURE in Path(rel).parts[1:-1] for rel, _ in mine)
+        mine = [(rel, row) for index, rel, row in view.photos if index == label]
+        unsure = sum(is_unsure(rel) for rel, _ in mine)
         anchor = f"class-{label}"
         count_rows.append(
             f'<tr data-class="{html.escape(name)}" data-count="{len(mine)}"><td>'
@@ -173,17 +299,17 @@ def write_page(folder, rows, files, unsure_below):
                 f'{html.escape(name)} ({len(mine)})</h2><div class="photos">\n{figures}\n'
                 "</div></section>"
             )
+    away = view.total - len(view.photos)
+    outside = f", {away:,} outside them (below)" if away else ""
+    figure_html = figure(view.photos) if view.expected else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>{shown(folder.name)}: the sorted catalogue</title><style>{STYLE}</style></head>
 <body>
-<h1>{shown(folder.name)}: {len(photos):,} photos sorted by class</h1>
-<p id="summary"><b id="to-check">{to_check:,}</b> to check: the model gave them under
-{unsure_below:.0%}, so they are in each class's <code>{UNSURE}</code> folder and shown first,
-marked. Move a photo that is wrong into the right class folder, one that is right out of
-<code>{UNSURE}</code>; then run the same predict command again to refresh this page.
-<span id="corrected">{corrected:,}</span> corrected by a person so far.</p>
-{figure(photos)}
+<h1>{shown(folder.name)}: {len(view.photos):,} photos sorted by class{outside}</h1>
+{summary_html(folder, view, unsure_below)}
+{outside_html(folder, view)}
+{figure_html}
 <table id="counts"><tr><th>class</th><th>photos</th><th>to check</th></tr>
 {chr(10).join(count_rows)}
 </table>

@@ -292,7 +292,7 @@ def test_a_file_name_that_is_not_utf8_is_written_and_resumed_as_it_is(
     assert predict(model_path, photo.parent, "--csv", table) == 0
     assert os.fsencode(photo) in table.read_bytes()  # the name's own bytes, as ls shows them
     assert predict(model_path, photo.parent, "--csv", table, "--resume") == 0
-    assert "1 were in it already" in capsys.readouterr().out
+    assert "1 was in it already" in capsys.readouterr().out
 
 
 def test_a_file_name_that_is_not_utf8_is_printed_where_the_output_must_be_utf8(

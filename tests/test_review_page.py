@@ -3,17 +3,19 @@ browser (headless Chromium): the counts, every thumbnail loaded, least sure firs
 
 import collections
 import csv
+import html
 import html.parser
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
-from photo_helpers import framed_items, framed_items_model
+from photo_helpers import framed_items
 from PIL import Image
 
 import fashion_mnist_cnn as fm
-from fashion_shop import review_page, sorting
+from fashion_shop import models, review_page, sorting
+from fashion_shop.folders import names_no_class
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # As the machine's notes say to start it: no sandbox as root, and no network of its own.
@@ -23,12 +25,27 @@ FLAGS = [
 ]  # fmt: skip
 
 
+def sharpened_model(path, seed=0):
+    """An untrained 28x28 model whose answers range from unsure to sure, named as a calibrated
+    model is: what it answers does not matter here, only that it varies."""
+    keras = fm.start_tensorflow_quietly()
+    keras.utils.set_random_seed(seed)
+    model = fm.build_model("float32")
+    dense = model.layers[-1]
+    kernel, _ = dense.get_weights()
+    bias = np.random.default_rng(seed).normal(0, 1.5, 10).astype(np.float32)
+    dense.set_weights([kernel * 100, bias])
+    model.name = "fashion_mnist_cnn" + models.CALIBRATED
+    model.save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def sorted_folder(tmp_path_factory):
-    """40 photos of framed items sorted by a trained model, a few of them corrected."""
-    fm.start_tensorflow_quietly()
-    model = framed_items_model(tmp_path_factory)
+    """40 photos of framed items sorted by a model, then a person's work: one corrected, one
+    moved into a misspelt folder, one left loose in the folder."""
     base = tmp_path_factory.mktemp("shop")
+    model = sharpened_model(base / "model.keras")
     labels = np.random.default_rng(3).integers(0, 10, 40)
     (base / "photos").mkdir()
     for n, image in enumerate(framed_items(labels, seed=4)):
@@ -38,10 +55,13 @@ def sorted_folder(tmp_path_factory):
     out = base / "sorted"
     code = fm.main(["predict", str(model), str(base / "photos"), "--sort-into", str(out)])
     assert code == 0
-    rel, label = sorted(sorting.scan(out).items())[0]
+    (first, label), (second, _), (third, _) = sorted(sorting.scan(out).items())[:3]
     other = sorting.class_folder(fm.CLASS_NAMES[(label + 1) % 10])
     (out / other).mkdir(exist_ok=True)
-    (out / rel).rename(out / other / rel.name)  # a person's correction
+    (out / first).rename(out / other / first.name)  # a person's correction
+    (out / "Sandle").mkdir()
+    (out / second).rename(out / "Sandle" / second.name)  # a misspelt class folder
+    (out / third).rename(out / third.name)  # outside the class folders
     assert fm.main(["predict", str(model), str(base / "photos"), "--sort-into", str(out)]) == 0
     return out
 
@@ -59,7 +79,7 @@ class Page(html.parser.HTMLParser):
         if tag == "tr" and "data-class" in attrs:
             self.counts[attrs["data-class"]] = int(attrs["data-count"])
         elif tag == "section":
-            self.section = attrs["data-class"]
+            self.section = attrs.get("data-class", attrs.get("data-folder"))
         elif tag == "figure":
             self.sections[self.section].append(attrs)
         elif tag == "img":
@@ -99,12 +119,14 @@ def test_the_page_in_a_browser_counts_every_class_shows_every_thumbnail_least_su
         rows = list(csv.DictReader(file))
     files = sorting.scan(sorted_folder)  # where each photo is now, the person's move included
     in_folders = collections.Counter(fm.CLASS_NAMES[label] for label in files.values())
-    assert sum(in_folders.values()) == len(rows)
+    assert sum(in_folders.values()) == len(rows) - 2  # two outside the class folders
     assert page.counts == {name: in_folders[name] for name in fm.CLASS_NAMES}
     assert len(page.images) == len(rows) == 40
     assert all(image.get("data-loaded") == "yes" for image in page.images), page.images
     assert all(image["src"].startswith(sorting.THUMBNAILS) for image in page.images)
-    for name, photos in page.sections.items():
+    assert len(page.sections["Sandle"]) == len(page.sections["."]) == 1
+    for name in fm.CLASS_NAMES:
+        photos = page.sections.get(name, [])
         probabilities = [float(photo["data-probability"]) for photo in photos]
         assert probabilities == sorted(probabilities), name  # least sure first
         assert len(photos) == in_folders[name]
@@ -121,9 +143,20 @@ def test_the_page_itself_counts_every_class_least_sure_first(sorted_folder):
     files = sorting.scan(sorted_folder)
     counts = collections.Counter(fm.CLASS_NAMES[label] for label in files.values())
     assert page.counts == {name: counts[name] for name in fm.CLASS_NAMES}
-    for name, photos in page.sections.items():
+    for name in fm.CLASS_NAMES:
+        photos = page.sections.get(name, [])
         probabilities = [float(photo["data-probability"]) for photo in photos]
         assert probabilities == sorted(probabilities) and len(photos) == counts[name], name
+
+
+def test_the_page_lists_the_photos_outside_the_class_folders_in_finetunes_words(sorted_folder):
+    page = Page()
+    text = (sorted_folder / sorting.PAGE_NAME).read_text()
+    page.feed(text)
+    assert [len(page.sections[where]) for where in ("Sandle", ".")] == [1, 1]
+    assert html.escape(names_no_class(sorted_folder / "Sandle")) in text
+    assert "1 photo is outside the class subfolders, with no label" in text
+    assert f"{sum(page.counts.values())} photos sorted by class, 2 outside them" in text
 
 
 def test_each_photo_shows_the_class_probability_and_runner_up_of_its_row(sorted_folder):
