@@ -13,7 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROGRAM, SHARED, assert_clean_failure, program_env, run_program
+from conftest import (
+    PROGRAM,
+    ROOT,
+    SHARED,
+    assert_clean_failure,
+    main_here,
+    program_env,
+    run_program,
+)
 from photo_helpers import (
     a_bag,
     as_picture_files,
@@ -105,7 +113,7 @@ def test_predict_takes_folders_recursively_in_sorted_order_and_writes_csv(model_
     (tmp_path / "photos" / "notes.txt").write_text("not an image: not picked up from a folder")
     (tmp_path / "empty").mkdir()
     table = tmp_path / "out.csv"
-    result = run_program("predict", model_path, photos, tmp_path / "empty", "--csv", table)
+    result = main_here("predict", model_path, photos, tmp_path / "empty", "--csv", table)
     expected = sorted(str(p) for p in photos.rglob("*.jpg"))
     assert result.returncode == 1  # the empty folder is reported
     assert result.stdout.startswith("Classified 2 of 3 photos in ")  # the rows are in the CSV
@@ -181,24 +189,16 @@ def test_predict_as_a_command(model_path, tmp_path):
     result = run_program("predict", model_path, small)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.startswith(f"{small}: ")
-    assert_clean_failure(run_program("predict", model_path, tmp_path / "gone.png"), "no such image")
+    assert_clean_failure(main_here("predict", model_path, tmp_path / "gone.png"), "no such image")
 
 
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda d: d / "missing.keras", "no such model file"),
-        (lambda d: as_picture_files(framed_items(np.array([1]))[0], d, "photo")[0], "comes first"),
-    ],
-    ids=["a missing model", "a photo for the model"],
-)
-def test_a_model_refused_by_the_package_is_one_line_from_the_script(tmp_path, make, message):
+def test_a_model_refused_by_the_package_is_one_line_from_the_script(model_path, tmp_path):
     """The script run as a program is one module, which the package imports too: the package's
     UserError is the one main() reports, in one line, with code 1 (from a second copy of the
     script, it would have been a traceback)."""
     good, _ = as_picture_files(framed_items(np.array([1]))[0], tmp_path, "good")
-    result = run_program("predict", make(tmp_path), good)
-    assert_clean_failure(result, message)
+    result = run_program("predict", good, model_path)
+    assert_clean_failure(result, "comes first")
     assert result.returncode == 1 and result.stdout == ""
 
 
@@ -232,8 +232,37 @@ def test_answers_for_a_closed_stdout_are_refused_at_once(
 
 
 def test_resume_needs_a_csv():
-    result = run_program("predict", "model.keras", "photos", "--resume")
+    result = main_here("predict", "model.keras", "photos", "--resume")
     assert result.returncode == 2 and "--resume continues a --csv FILE" in result.stderr
+
+
+def test_help_gives_the_figures_the_readme_gives(capsys):
+    """README's table: predict with the default run's model, and with an --arch improved
+    --augment one (benchmarks/README.md measures both)."""
+    (row,) = [
+        line for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `predict` with the default run's model")
+    ]  # fmt: skip
+    default, improved = row.split("|")[2].strip().split("; ")
+    text = " ".join(main_here("predict", "--help").stdout.split())
+    assert f"about {improved} of them right, against the default run's {default}" in text, text
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        lambda model, photo: [photo, model],
+        lambda model, photo: [photo.parent, model],
+        lambda model, photo: [photo.parent, photo, model],
+    ],
+    ids=["PHOTO MODEL", "FOLDER MODEL", "FOLDER PHOTO MODEL"],
+)
+def test_photos_given_before_the_model_are_told_the_order(
+    model_path, tmp_path, monkeypatch, capsys, order
+):
+    photo, _ = as_picture_files(framed_items(np.array([1]))[0], tmp_path, "good")
+    line = refused_at_once(monkeypatch, capsys, "predict", *order(model_path, photo))
+    assert line.endswith("; MODEL comes first, then the photos"), line
 
 
 # The processes that prepare the photos, and a reader that stops reading.
@@ -250,20 +279,37 @@ def test_the_preparing_processes_are_shut_down_before_predict_goes_on(shop, used
     assert set(threading.enumerate()) <= before
 
 
-@pytest.mark.parametrize("output", [[], ["--json"]], ids=["lines", "json"])
-def test_a_reader_that_stops_reading_stops_predict_quietly(model_path, shop, output):
+def test_a_reader_that_stops_reading_stops_predict_quietly(model_path, shop):
     """`predict MODEL folder | head -2`: once head has its lines, the next one has nowhere to
-    go. The program stops as `cat` would: no traceback, the shell's code for SIGPIPE."""
+    go. The program stops as `cat` would: no traceback, the shell's code for SIGPIPE; lines and
+    --json alike, the two run side by side."""
     read_end, write_end = os.pipe()
     os.close(read_end)  # a reader that has stopped reading
     try:
-        result = subprocess.run(
-            [sys.executable, str(PROGRAM), "predict", str(model_path), str(a_bag(shop)), *output],
-            stdout=write_end, stderr=subprocess.PIPE, text=True, env=program_env(), timeout=300,
-        )  # fmt: skip
+        processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(PROGRAM),
+                    "predict",
+                    str(model_path),
+                    str(a_bag(shop)),
+                    *output,
+                ],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=program_env(),
+            )  # fmt: skip
+            for output in ([], ["--json"])
+        ]
     finally:
         os.close(write_end)
-    assert result.returncode == 141 and result.stderr == "", result.stderr
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        # A loaded machine may take 10 s or more: then a progress line, and nothing else.
+        assert process.returncode == 141, err
+        assert all(" photos, " in line for line in err.splitlines()), err
 
 
 # Colour models (finetune --backbone's), and a model whose file says otherwise.
