@@ -90,9 +90,11 @@ def border_pixels(pixels):
 
 
 def colour_distance(pixels, colour):
-    """Each pixel's distance from a colour, 0-255."""
+    """Each pixel's distance from a colour, 0-255: the root of the mean squared difference of
+    its channels, exact where that is a whole number (a grey on a grey), so that the item map's
+    whole numbers come out alike in any precision (export's written steps)."""
     difference = pixels - colour
-    return np.sqrt(np.einsum("...k,...k->...", difference, difference)) / np.sqrt(3)
+    return np.sqrt(np.einsum("...k,...k->...", difference, difference) / 3)
 
 
 def background_of(pixels):
