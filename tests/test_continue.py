@@ -337,14 +337,15 @@ def test_a_full_disk_is_one_line_that_says_the_same_command_continues(monkeypatc
 
 
 @pytest.mark.slow
-def test_the_same_command_continues_a_killed_run_without_out_dir(data, unbroken, tmp_path):
+def test_the_same_command_continues_a_killed_run_without_out_dir(
+    data, unbroken, killed_run, tmp_path
+):
     """kill -9 prints nothing: the very same command, with no --out-dir, must find the run."""
-    command = training(data, tmp_path)[:-2]  # no --out-dir: runs/<time>/ under tmp_path
-    kill_at(command, "Epoch 3/4", cwd=tmp_path)
-    (killed,) = (tmp_path / "runs").iterdir()
+    killed = shutil.copytree(killed_run, tmp_path / "runs" / "20261207-120000")
+    command = training(data, tmp_path)[:-2]  # as killed_run's, less --out-dir
     result = main_here(*command, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    said = f"Continuing {killed.relative_to(tmp_path)} from epoch 3 of 4 (an unfinished run with"
+    said = "Continuing runs/20261207-120000 from epoch 3 of 4 (an unfinished run with the same"
     assert said in result.stdout
     for key in (*SAME, "history.csv"):
         assert finished(killed)[key] == unbroken[key], key
