@@ -46,10 +46,12 @@ from fashion_shop.backbone import (
 from fashion_shop.catalogue import read_rows_done
 from fashion_shop.folders import each_class_shuffled, find_labelled_photos, prepare_photos
 from fashion_shop.models import (
+    CALIBRATED,
     TUNED_NAME,
     check_model_file,
     class_probabilities,
     declared_kind,
+    is_model_file,
     kind_of,
     load_trained_model,
 )
@@ -98,6 +100,12 @@ def parse_finetune_args(argv):
         help="share of each class's photos held out to measure before and after (0: tune on "
         "all of them, measure nothing)",
     )
+    parser.add_argument(
+        "--include-unsure",
+        action="store_true",
+        help="tune on the photos in the class folders' unsure/ subfolders too: a sorted "
+        "catalogue's unchecked guesses, left out by default (never held out)",
+    )
     parser.add_argument("--seed", type=seed_value, default=SEED, help="random seed")
     add_run_folder_options(parser, "the new model and metrics", "-finetune")
     args = parser.parse_args(argv)
@@ -110,18 +118,24 @@ def parse_finetune_args(argv):
     return args
 
 
-def hold_out_photos(labels, holdout, seed):
+def hold_out_photos(labels, holdout, seed, tune_only=None):
     """Indices to fine-tune on and to measure on: each class's share held out, fixed by the
     seed, at least one photo of each class on each side (none held out with holdout 0). Per
-    class, unlike training's split_validation: a shop's classes may have a few photos each."""
+    class, unlike training's split_validation: a shop's classes may have a few photos each.
+    tune_only marks photos never held out (unchecked guesses: no measure of the model)."""
+    everything = np.arange(len(labels))
     if holdout == 0:
-        return np.arange(len(labels)), np.array([], int)
-    tune, held_out = [], []
-    for label, members in each_class_shuffled(labels, seed):
+        return everything, np.array([], int)
+    tune_only = np.zeros(len(labels), bool) if tune_only is None else tune_only
+    checked = everything[~tune_only]
+    tune, held_out = everything[tune_only].tolist(), []
+    for label, members in each_class_shuffled(labels[checked], seed):
+        members = checked[members]
         if len(members) < 2:
             raise UserError(
-                f"too few photos for the hold-out: {CLASS_NAMES[label]} has "
-                f"{len(members)}; each class folder needs 2 or more (more than 10 to learn much)"
+                f"too few photos for the hold-out: {CLASS_NAMES[label]} has {len(members)}"
+                f"{' checked' * tune_only.any()}; each class folder needs 2 or more (more than "
+                "10 to learn much), or --holdout 0 tunes on all of them and measures nothing"
             )
         n_held = min(max(1, round(len(members) * holdout)), len(members) - 1)
         held_out += members[:n_held].tolist()
@@ -151,13 +165,58 @@ def accuracy_report(result):
     return result and {key: result[key] for key in ("accuracy", "per_class")}
 
 
-def corrected_photos(folder):
-    """How many photos of a catalogue sorted by predict a person moved to another class; None
-    where its CSV is elsewhere (--csv)."""
+def is_unchecked(path, folder):
+    """Whether a photo is in a class folder's unsure/ subfolder: there predict --sort-into puts
+    the answers it is unsure of, and a person checking them moves each out."""
+    return sorting.UNSURE in path.relative_to(folder).parts[1:-1]
+
+
+def checked_by_a_person(folder):
+    """Of a catalogue sorted by predict, its CSV in it: how many photos outside unsure/ a person
+    checked (moved out of unsure/, or to another class, or put there), how many of those they
+    corrected (their folder is not predict's answer), and how many are predict's sure answers
+    as sorted; None where its CSV is elsewhere (--csv)."""
     if not (folder / sorting.CSV_NAME).is_file():
         return None
     rows, _ = read_rows_done(folder / sorting.CSV_NAME, [], sorted_into=folder)
-    return sorting.corrections(rows, sorting.scan(folder))
+    files = sorting.scan(folder)
+    now, theirs = sorting.match(rows, files)
+    answers = {row.path: row for row in rows}
+    counts = {"checked": 0, "corrected": 0, "sure as sorted": 0}
+    for rel in theirs:  # put there by a person
+        counts["checked"] += sorting.UNSURE not in rel.parts[1:-1]
+    for photo, rel in now.items():
+        if rel is None or sorting.UNSURE in rel.parts[1:-1]:
+            continue
+        row = answers[photo]
+        if CLASS_NAMES[files[rel]] != row.answer:
+            counts["corrected"] += 1
+            counts["checked"] += 1
+        elif sorting.UNSURE in Path(row.sorted_as).parts[1:-1]:
+            counts["checked"] += 1
+        else:
+            counts["sure as sorted"] += 1
+    return counts
+
+
+def what_it_learns_from(folder, unchecked, counts, include_unsure):
+    """One line: of a sorted catalogue, the photos a person checked or corrected and predict's
+    sure answers; of any folder, the unchecked guesses in unsure/ and what becomes of them."""
+    parts = []
+    if counts is not None:
+        parts.append(
+            f"{counts['checked']:,} checked by a person ({counts['corrected']:,} of them "
+            f"corrected), {counts['sure as sorted']:,} sure answers as predict sorted them"
+        )
+    if unchecked:
+        fate = (
+            "tuned on too (--include-unsure), never held out"
+            if include_unsure
+            else "left out (--include-unsure tunes on them too)"
+        )
+        parts.append(f"{unchecked:,} unchecked guesses in unsure/ {fate}")
+    if parts:
+        print(f"{'A sorted catalogue' if counts is not None else folder}: {', '.join(parts)}")
 
 
 def photo_batches(images, labels, seed, epoch):
@@ -195,22 +254,50 @@ def refuse_a_backbone_model(path, kind):
         )
 
 
+def refuse_swapped(args):
+    """`finetune FOLDER MODEL`: predict's kind of hint, before anything else is read."""
+    model, folder = args.model, args.folder
+    if model and model.is_dir() and folder.is_file() and is_model_file(folder):
+        raise UserError(
+            f"{model}: a folder, not a model file; MODEL comes first, then FOLDER: "
+            f"finetune {folder} {model}"
+        )
+
+
+def labelled_photos(args):
+    """(photos, which of them are unchecked guesses, the catalogue's counts or None), the
+    unchecked left out unless --include-unsure; refused if nothing is left."""
+    catalogue_folder = sorting.is_sorted_catalogue(args.folder)  # predict --sort-into's
+    found = find_labelled_photos(args.folder, sorted_catalogue=catalogue_folder)
+    unchecked = np.array([is_unchecked(path, args.folder) for path, _ in found], bool)
+    counts = checked_by_a_person(args.folder) if catalogue_folder else None
+    if args.include_unsure:
+        return found, unchecked, counts
+    if unchecked.all():  # find_labelled_photos refuses a folder without photos: some are here
+        raise UserError(
+            f"{args.folder}: all {len(found):,} photos are unchecked guesses in unsure/ folders; "
+            "check them (move each to its class folder, out of unsure/), or --include-unsure "
+            "tunes on them as they are"
+        )
+    return [photo for photo, no in zip(found, unchecked) if not no], unchecked, counts
+
+
 def main(argv):
-    """MODEL checked -> photos -> hold-out -> model (yours, or an ImageNet network with a new
-    last layer) -> accuracy before -> fine-tune -> calibrate (--backbone) -> accuracy after ->
-    save."""
+    """MODEL checked -> photos (unchecked guesses left out) -> hold-out -> model (yours, or an
+    ImageNet network with a new last layer) -> accuracy before -> fine-tune -> calibrate
+    (--backbone) -> accuracy after -> save."""
     args = parse_finetune_args(argv)
+    refuse_swapped(args)
     if args.model:  # what its file says, before the photos are prepared or TensorFlow loads
         check_model_file(args.model)
         refuse_a_backbone_model(args.model, declared_kind(args.model))
-    check_out_dir(args.out_dir)
-    catalogue_folder = sorting.is_sorted_catalogue(args.folder)  # predict --sort-into's
-    photos = find_labelled_photos(args.folder, sorted_catalogue=catalogue_folder)
-    corrected = corrected_photos(args.folder) if catalogue_folder else None
+    check_out_dir(args.out_dir, args.overwrite, args.resume)
+    photos, unchecked, counts = labelled_photos(args)
     tuned_photos = "colour" if args.backbone else "as photographed"
     images = prepare_photos([path for path, _ in photos], tuned_photos)
     labels = np.array([label for _, label in photos])
-    tune, held_out = hold_out_photos(labels, args.holdout, args.seed)
+    guesses = unchecked if args.include_unsure else None
+    tune, held_out = hold_out_photos(labels, args.holdout, args.seed, guesses)
     keras = start_tensorflow_quietly()
     keras.utils.set_random_seed(args.seed)
     if args.backbone:
@@ -228,11 +315,7 @@ def main(argv):
     run = open_run(args, "finetune", options, suffix="-finetune")
     use_windows(False)  # the confusion matrix is saved, never shown
     what = f"a new last layer on {args.backbone} (ImageNet)" if args.backbone else "the model"
-    if corrected is not None:
-        print(
-            f"A sorted catalogue: {corrected:,} of {len(photos):,} photos corrected by a person "
-            "(their folder is not predict's answer)"
-        )
+    what_it_learns_from(args.folder, int(unchecked.sum()), counts, args.include_unsure)
     print(
         f"Fine-tuning {what} on {len(tune)} photos, measuring on {len(held_out)} held out, "
         f"{len(np.unique(labels))} classes"
@@ -260,23 +343,32 @@ def main(argv):
         temperature = calibrated_temperature(learner, features, labels[tune], args)
     if not args.backbone:  # so that predict, and "after", show it photos as it was tuned on
         model.name = TUNED_NAME
+    elif temperature is not None:  # so that predict trusts its probabilities
+        model.name += CALIBRATED
     after = photo_accuracy(model, images[held_out], labels[held_out]) if measure else None
     if after:
         print(f"Accuracy on the held-out photos after:  {after['accuracy']:.4f}")
         save_figure(plot_confusion_matrix(after["confusion"]), run.out_dir / "confusion_matrix.png")
     else:
         print("No photos held out (--holdout 0): nothing measured")
-    counts = np.bincount(labels, minlength=10)
+    counted = np.bincount(labels, minlength=10)
     results = {
         "before": accuracy_report(before),
         "after": accuracy_report(after),
-        "photos": {CLASS_NAMES[c]: int(counts[c]) for c in range(10) if counts[c]},
+        "photos": {CLASS_NAMES[c]: int(counted[c]) for c in range(10) if counted[c]},
         "photos_tuned_on": len(tune),
         "photos_held_out": len(held_out),
+        "unchecked_in_unsure": int(unchecked.sum()),
+        "unchecked_tuned_on": bool(args.include_unsure and unchecked.any()),
+        # Which photos it was tuned on, by their prepared pixels: export --photos measures
+        # only the others.
+        "tuned_photos": sorted(fingerprint(image)[:16] for image in images[tune]),
         "temperature": temperature,
     }
-    if corrected is not None:
-        results["corrected_by_a_person"] = corrected
+    if counts is not None:
+        results["checked_by_a_person"] = counts["checked"]
+        results["corrected_by_a_person"] = counts["corrected"]
+        results["sure_as_sorted"] = counts["sure as sorted"]
     details = {"config": vars(args) | {"keras": keras.__version__}}
     figure = ", history.csv and confusion_matrix.png" if after else " and history.csv"
     saved = f"model.keras, metrics.json{figure}"
