@@ -55,13 +55,14 @@ def test_every_format_is_written_and_answers_as_the_model_in_its_own_runtime(
         f"{name}.onnx",
     }
     assert {path.name for path in out.iterdir()} == {*description["files"], "model.json"}
-    assert description["input"] | {"prepared_by": None} == {
+    assert description["input"] | {"prepared_by": None, "preparation": None} == {
         "name": "images",
         "shape": [None, 28, 28, 1],
         "dtype": "float32",
         "scale": "pixel values / 255, in [0, 1]",
         "light_on_dark": True,
         "prepared_by": None,
+        "preparation": None,
     }
     assert description["output"] == {
         "name": "probabilities",
