@@ -132,10 +132,11 @@ def hold_out_photos(labels, holdout, seed, tune_only=None):
     for label, members in each_class_shuffled(labels[checked], seed):
         members = checked[members]
         if len(members) < 2:
+            checked_ones = " checked" if tune_only.any() else ""
             raise UserError(
                 f"too few photos for the hold-out: {CLASS_NAMES[label]} has {len(members)}"
-                f"{' checked' * tune_only.any()}; each class folder needs 2 or more (more than "
-                "10 to learn much), or --holdout 0 tunes on all of them and measures nothing"
+                f"{checked_ones}; each class folder needs 2 or more (more than 10 to learn "
+                "much), or --holdout 0 tunes on all of them and measures nothing"
             )
         n_held = min(max(1, round(len(members) * holdout)), len(members) - 1)
         held_out += members[:n_held].tolist()
