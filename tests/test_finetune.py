@@ -7,13 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import (
-    assert_clean_failure,
-    distinct_images,
-    run_program,
-    start_program,
-    wait_for_line,
-)
+from conftest import distinct_images, main_here, start_program, wait_for_line
 from photo_helpers import (
     HEAVY_WORK,
     colour_model,
@@ -26,8 +20,8 @@ from photo_helpers import (
 from PIL import Image
 
 import fashion_mnist_cnn as fm
-from fashion_shop import finetune, folders
-from fashion_shop.models import Kind, declared_kind, load_trained_model, scale_pixels
+from fashion_shop import finetune, folders, sorting
+from fashion_shop.models import CALIBRATED, Kind, declared_kind, load_trained_model, scale_pixels
 from fashion_shop.photos import PREPARATIONS, prepare_as_photographed, prepare_image
 from fashion_shop.predict import predict_images, top_three
 
@@ -68,8 +62,8 @@ def test_finetune_learns_from_a_few_photos_and_predict_uses_it(arch, request, tm
     model_path = request.getfixturevalue("model_path" if arch == "seed" else "improved_model_path")
     photos = photo_folder(tmp_path / "photos", per_class=12, relabel=3)
     out = tmp_path / "tuned"
-    result = run_program(
-        "finetune", model_path, photos, "--epochs", "40", "--learning-rate", "0.003",
+    result = main_here(
+        "finetune", model_path, photos, "--epochs", "15", "--learning-rate", "0.01",
         "--out-dir", out, "--seed", "1",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -80,10 +74,12 @@ def test_finetune_learns_from_a_few_photos_and_predict_uses_it(arch, request, tm
     assert metrics["before"]["accuracy"] <= 0.2  # the model knew these items as other classes
     assert metrics["after"]["accuracy"] >= 0.7, metrics  # chance is 0.1
     assert set(metrics["after"]["per_class"]) == set(fm.CLASS_NAMES)
+    # Which photos it was tuned on, for export to leave out: one fingerprint each.
+    assert len(set(metrics["tuned_photos"])) == 100
     assert {"model.keras", "metrics.json", "history.csv", "confusion_matrix.png"} <= {
         p.name for p in out.iterdir()
     }
-    tuned = run_program("predict", out / "model.keras", photos / "Bag")
+    tuned = main_here("predict", out / "model.keras", photos / "Bag")
     assert tuned.returncode == 0 and tuned.stdout.count("\n") == 12, tuned.stderr
 
 
@@ -143,6 +139,15 @@ def test_finetune_holds_out_the_same_photos_for_the_same_seed():
     # --holdout 0: every photo tuned on, even a class's only one.
     tune, held = finetune.hold_out_photos(np.array([0, 1, 1]), 0, seed=3)
     assert tune.tolist() == [0, 1, 2] and held.size == 0
+    # Unchecked guesses (--include-unsure) are tuned on, never held out: they measure nothing.
+    guesses = np.zeros(17, bool)
+    guesses[[0, 5, 6, 12]] = True
+    tune, held = finetune.hold_out_photos(labels, 0.2, seed=3, tune_only=guesses)
+    assert sorted([*tune, *held]) == list(range(17)) and not guesses[held].any()
+    assert [int((labels[held] == c).sum()) for c in range(3)] == [1, 1, 1]  # of 4, 7, 2
+    # The same photos held out as without guesses, where there are none.
+    none = finetune.hold_out_photos(labels, 0.2, seed=3, tune_only=np.zeros(17, bool))
+    assert (none[1] == finetune.hold_out_photos(labels, 0.2, seed=3)[1]).all()
 
 
 def write_bad_folder(root, case):
@@ -170,6 +175,9 @@ def write_bad_folder(root, case):
         for n in range(3):
             write_photo(folder / "Bag" / f"{n}.jpg", image)
         write_photo(folder / "Coat" / "a.jpg", image)
+    elif case == "unchecked":  # a sorted catalogue's unsure folders, none checked yet
+        for n, name in enumerate(["Bag", "Bag", "Coat"]):
+            write_photo(folder / name / "unsure" / f"{n}.jpg", image)
     elif case == "loose":
         write_photo(folder / "Bag" / "a.jpg", image)
         write_photo(folder / "stray.jpg", image)
@@ -188,7 +196,8 @@ def write_bad_folder(root, case):
         ("text", ["b.txt", "refuses it rather than skip"]),
         ("damaged", ["b.jpg", "damaged image"]),
         ("blank", ["b.jpg", "a blank photo"]),
-        ("few", ["too few photos for the hold-out", "Coat has 1"]),
+        ("few", ["too few photos for the hold-out", "Coat has 1", "or --holdout 0"]),
+        ("unchecked", ["all 3 photos are unchecked guesses in unsure/", "--include-unsure"]),
         ("loose", ["stray.jpg", "has no label"]),
         ("file", ["not a folder"]),
         ("nowhere", ["no such folder"]),
@@ -238,16 +247,30 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_photos_are_prep
 
 
 def test_finetune_into_the_folder_of_the_model_it_tunes_leaves_the_model_alone(
-    model_path, tmp_path
+    model_path, tmp_path, monkeypatch, capsys
 ):
     models = tmp_path / "models"
     models.mkdir()
     (models / "model.keras").write_bytes(model_path.read_bytes())  # put there by hand
     photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
-    result = run_program("finetune", models / "model.keras", photos, "--out-dir", models)
-    assert_clean_failure(result, "holds a model.keras that this run would replace", "--overwrite")
+    argv = ["finetune", models / "model.keras", photos, "--out-dir", models]
+    line = refused_at_once(monkeypatch, capsys, *argv, heavy=(*HEAVY_WORK, "prepare_photos"))
+    assert "holds a model.keras that this run would replace" in line and "--overwrite" in line
     assert (models / "model.keras").read_bytes() == model_path.read_bytes()
     assert [p.name for p in models.iterdir()] == ["model.keras"]
+    # --resume with an --out-dir that holds no unfinished run: said at once, too.
+    argv = ["finetune", model_path, photos, "--out-dir", tmp_path / "new", "--resume"]
+    line = refused_at_once(monkeypatch, capsys, *argv, heavy=(*HEAVY_WORK, "prepare_photos"))
+    assert "--resume: " in line and "holds no unfinished run" in line
+
+
+def test_folder_then_model_is_told_the_order(model_path, tmp_path, monkeypatch, capsys):
+    photos = photo_folder(tmp_path / "photos", per_class=2, classes=[0, 1])
+    argv = ["finetune", photos, model_path, "--out-dir", tmp_path / "out"]
+    line = refused_at_once(monkeypatch, capsys, *argv, heavy=(*HEAVY_WORK, "prepare_photos"))
+    assert "MODEL comes first, then FOLDER" in line, line
+    assert f"finetune {model_path} {photos}" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_finetune_refuses_a_model_of_another_shape(tmp_path):
@@ -256,7 +279,9 @@ def test_finetune_refuses_a_model_of_another_shape(tmp_path):
     layers = [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
     keras.Sequential(layers).save(rgb)
     out = tmp_path / "out-model"
-    assert_clean_failure(run_program("finetune", rgb, photos, "--out-dir", out), "not a 28x28x1")
+    result = main_here("finetune", rgb, photos, "--out-dir", out)
+    assert result.returncode == 1 and "not a 28x28x1" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
 
@@ -278,7 +303,7 @@ def test_finetune_without_backbone_refuses_a_colour_model_at_once(
 
 
 def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
-    photos = photo_folder(tmp_path / "photos", per_class=30)
+    photos = photo_folder(tmp_path / "photos", per_class=6)
     out = tmp_path / "out"
     process = start_program(
         "finetune", model_path, photos, "--epochs", "100000", "--out-dir", out
@@ -295,3 +320,54 @@ def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] is True and 1 <= metrics["epochs_completed"] < 100000
     assert load_trained_model(out / "model.keras").count_params() == 93_322
+
+
+@pytest.fixture(scope="module")
+def sure_of_some(tmp_path_factory):
+    """An untrained 28x28 model sure of some photos and not of others (its last layer
+    sharpened), named as a calibrated one is: predict --sort-into marks the unsure by default."""
+    keras.utils.set_random_seed(0)
+    model = fm.build_model("float32")
+    kernel, _ = model.layers[-1].get_weights()
+    bias = np.random.default_rng(0).normal(0, 1.5, 10).astype(np.float32)
+    model.layers[-1].set_weights([kernel * 100, bias])
+    model.name = "fashion_mnist_cnn" + CALIBRATED
+    path = tmp_path_factory.mktemp("sure-of-some") / "model.keras"
+    model.save(path)
+    return path
+
+
+def test_a_sorted_catalogue_is_learned_from_what_a_person_checked(sure_of_some, tmp_path):
+    """Point 5 of issue 47: the photos still in unsure/ are the model's unchecked guesses;
+    finetune says what it learns from and leaves them out unless --include-unsure."""
+    photos = photo_folder(tmp_path / "photos", per_class=3)
+    out = tmp_path / "sorted"
+    assert main_here("predict", sure_of_some, photos, "--sort-into", out).returncode == 0
+    unsure = sorted(rel for rel in sorting.scan(out) if sorting.UNSURE in rel.parts)
+    assert 4 <= len(unsure) <= 26, unsure  # some sure, some not: else this proves little
+    # A person checks two: one the model had right, one it had wrong.
+    confirmed, corrected = unsure[0], unsure[1]
+    (out / confirmed).rename(out / confirmed.parts[0] / confirmed.name)
+    other = next(f for f in ("Bag", "Coat") if f != corrected.parts[0])
+    (out / other).mkdir(exist_ok=True)
+    (out / corrected).rename(out / other / corrected.name)
+    left, sure = len(unsure) - 2, 30 - len(unsure)
+
+    argv = ["finetune", sure_of_some, out, "--epochs", "1", "--holdout", "0"]
+    result = main_here(*argv, "--out-dir", tmp_path / "t")
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"A sorted catalogue: 2 checked by a person (1 of them corrected), {sure} sure answers "
+        f"as predict sorted them, {left} unchecked guesses in unsure/ left out (--include-unsure "
+        "tunes on them too)"
+    ) in result.stdout
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["photos_tuned_on"] == 2 + sure and metrics["unchecked_in_unsure"] == left
+    assert metrics["checked_by_a_person"] == 2 and metrics["corrected_by_a_person"] == 1
+    assert metrics["sure_as_sorted"] == sure and not metrics["unchecked_tuned_on"]
+
+    result = main_here(*argv, "--include-unsure", "--out-dir", tmp_path / "all")
+    assert result.returncode == 0, result.stderr
+    assert f"{left} unchecked guesses in unsure/ tuned on too (--include-unsure)" in result.stdout
+    metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert metrics["photos_tuned_on"] == 30 and metrics["unchecked_tuned_on"]
