@@ -132,7 +132,8 @@ def not_calibrated_line(models):
     return (
         f"the probabilities of {' and '.join(models)} are not calibrated (a model trained on "
         "28x28 images can be 99% sure of a mistake), so nothing is promised of how many are "
-        f"right; for that, sort with a model from {CALIBRATED_INSTEAD}"
+        f"right; for that, sort with a model from {CALIBRATED_INSTEAD} (with --reclassify, "
+        "the photos sorted already too)"
     )
 
 
