@@ -236,16 +236,20 @@ def test_resume_needs_a_csv():
     assert result.returncode == 2 and "--resume continues a --csv FILE" in result.stderr
 
 
-def test_help_gives_the_figures_the_readme_gives(capsys):
-    """README's table: predict with the default run's model, and with an --arch improved
-    --augment one (benchmarks/README.md measures both)."""
-    (row,) = [
-        line for line in (ROOT / "README.md").read_text().splitlines()
-        if line.startswith("| `predict` with the default run's model")
-    ]  # fmt: skip
-    default, improved = row.split("|")[2].strip().split("; ")
+def test_help_gives_the_figures_the_readme_gives():
+    """README's table: predict with the default run's model, with an --arch improved --augment
+    one, and with a finetune --backbone one (benchmarks/README.md measures each)."""
+    table = (ROOT / "README.md").read_text().splitlines()
+
+    def figures(start):
+        (row,) = [line for line in table if line.startswith(start)]
+        return row.split("|")[2].strip().strip("*")
+
+    default, improved = figures("| `predict` with the default run's model").split("; ")
+    backbone = figures("| **`finetune --backbone mobilenet_v2`**, 10 / 40")
     text = " ".join(main_here("predict", "--help").stdout.split())
     assert f"about {improved} of them right, against the default run's {default}" in text, text
+    assert f"mobilenet_v2 on 10 / 40 labelled photos a class: {backbone})" in text, text
 
 
 @pytest.mark.parametrize(
