@@ -6,7 +6,7 @@ from conftest import ROOT, distinct_images
 from PIL import Image, ImageDraw, ImageFilter
 
 import fashion_mnist_cnn as fm
-from fashion_shop import backbone, export, finetune, photos, predict
+from fashion_shop import backbone, export, finetune, models, photos, predict
 from fashion_shop.folders import class_folder
 
 SHOP_PHOTOS = ROOT.parent / "shared" / "product-photos" / "shop"  # real shop photos
@@ -213,3 +213,19 @@ def small_shop(folder):
 
 def a_bag(folder):
     return sorted((folder / "Bag").glob("*.jpg"))[0]
+
+
+def sharpened_model(path, seed=0, calibrated=True):
+    """An untrained 28x28 model whose answers range from unsure to sure; named as a calibrated
+    model (finetune --backbone's) is, or as a training run's (not calibrated)."""
+    keras = fm.start_tensorflow_quietly()
+    keras.utils.set_random_seed(seed)
+    model = fm.build_model("float32")
+    dense = model.layers[-1]
+    kernel, _ = dense.get_weights()
+    bias = np.random.default_rng(seed).normal(0, 1.5, 10).astype(np.float32)
+    dense.set_weights([kernel * 100, bias])
+    if calibrated:
+        model.name = "fashion_mnist_cnn" + models.CALIBRATED
+    model.save(path)
+    return path

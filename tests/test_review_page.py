@@ -10,11 +10,11 @@ import subprocess
 
 import numpy as np
 import pytest
-from photo_helpers import framed_items
+from photo_helpers import framed_items, sharpened_model
 from PIL import Image
 
 import fashion_mnist_cnn as fm
-from fashion_shop import models, review_page, sorting
+from fashion_shop import review_page, sorting
 from fashion_shop.folders import names_no_class
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -23,21 +23,6 @@ FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-
-
-def sharpened_model(path, seed=0):
-    """An untrained 28x28 model whose answers range from unsure to sure, named as a calibrated
-    model is: what it answers does not matter here, only that it varies."""
-    keras = fm.start_tensorflow_quietly()
-    keras.utils.set_random_seed(seed)
-    model = fm.build_model("float32")
-    dense = model.layers[-1]
-    kernel, _ = dense.get_weights()
-    bias = np.random.default_rng(seed).normal(0, 1.5, 10).astype(np.float32)
-    dense.set_weights([kernel * 100, bias])
-    model.name = "fashion_mnist_cnn" + models.CALIBRATED
-    model.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

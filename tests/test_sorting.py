@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import links_to, main_here, start_program, wait_until
-from photo_helpers import framed_items, refused_at_once
+from photo_helpers import framed_items, refused_at_once, sharpened_model
 from PIL import Image
 
 import fashion_mnist_cnn as fm
@@ -27,21 +27,6 @@ from fashion_shop.folders import names_no_class
 from fashion_shop.photos import THUMBNAIL, thumbnail_name
 
 keras = fm.start_tensorflow_quietly()
-
-
-def sharpened_model(path, seed=0, calibrated=True):
-    """An untrained 28x28 model whose answers range from unsure to sure; named as a calibrated
-    model (finetune --backbone's) is, or as a training run's (not calibrated)."""
-    keras.utils.set_random_seed(seed)
-    model = fm.build_model("float32")
-    dense = model.layers[-1]
-    kernel, _ = dense.get_weights()
-    bias = np.random.default_rng(seed).normal(0, 1.5, 10).astype(np.float32)
-    dense.set_weights([kernel * 100, bias])
-    if calibrated:
-        model.name = "fashion_mnist_cnn" + models.CALIBRATED
-    model.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
