@@ -337,6 +337,7 @@ def children(pid):
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_program_leaves_a_valid_csv_and_resume_completes_it(model_path, tmp_path):
     """As a user's scheduler stops it: a real SIGTERM to the process, mid-catalogue (of 400
     photos: the preparing processes, 2 s of them ahead, are not done before the first rows)."""
@@ -356,6 +357,7 @@ def test_sigterm_to_the_program_leaves_a_valid_csv_and_resume_completes_it(model
     assert len({row[1] for row in rows[1:]}) == 1  # the same shot, the same class
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 def test_a_preparing_process_killed_is_one_clear_line_and_the_rows_done_stay(model_path, tmp_path):
     process, folder, table = start_on_a_catalogue(model_path, tmp_path)

@@ -237,6 +237,7 @@ def test_a_bf16_model_computes_in_float32_where_bf16_is_not_native(
     assert compute_dtypes(models.load_trained_model(bf16)) == {"float32"}
 
 
+@pytest.mark.slow
 def test_a_model_trained_in_bf16_predicts_on_an_avx2_cpu(model_path, tmp_path):
     # A model from a machine with native bf16, used on a laptop: oneDNN has no bf16 convolutions
     # for AVX2 CPUs, so in bf16 it would fail; in float32 it answers as a float32 model does.

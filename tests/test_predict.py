@@ -76,6 +76,7 @@ def test_small_grey_and_large_light_rgb_of_one_item_agree(model_path, tmp_path, 
     assert sum(c == fm.CLASS_NAMES[label] for c, label in zip(classes[0::2], labels)) >= 8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/fashion-mnist absent")
 def test_real_test_images_as_photos_keep_their_class(tmp_path, capsys):
     (x_train, y_train), (x_test, y_test) = fm.load_fashion_mnist(SHARED / "sample")
@@ -184,6 +185,7 @@ def test_bad_images_are_reported_and_the_rest_still_classified(model_path, tmp_p
         assert name in line and message in line.lower(), line
 
 
+@pytest.mark.slow
 def test_predict_as_a_command(model_path, tmp_path):
     small, _ = as_picture_files(framed_items(np.array([2]))[0], tmp_path, "x")
     result = run_program("predict", model_path, small)
@@ -283,6 +285,7 @@ def test_the_preparing_processes_are_shut_down_before_predict_goes_on(shop, used
     assert set(threading.enumerate()) <= before
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_reading_stops_predict_quietly(model_path, shop):
     """`predict MODEL folder | head -2`: once head has its lines, the next one has nowhere to
     go. The program stops as `cat` would: no traceback, the shell's code for SIGPIPE; lines and

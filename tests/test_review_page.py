@@ -95,6 +95,7 @@ def dom_after_loading(page):
     return parsed
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM, reason="needs Chromium (.ci/run installs Debian's chromium)")
 def test_the_page_in_a_browser_counts_every_class_shows_every_thumbnail_least_sure_first(
     sorted_folder,

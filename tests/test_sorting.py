@@ -343,6 +343,7 @@ def test_a_file_name_that_is_not_utf8_is_sorted_and_shown(model_path, tmp_path):
     assert "caf%E9.png" in (out / sorting.PAGE_NAME).read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_mid_sort_leaves_folders_csv_and_page_agreeing_and_the_same_command_goes_on(
     model_path, tmp_path
 ):
