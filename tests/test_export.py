@@ -3,16 +3,40 @@ proven in its own runtime; an altered export refused; bad input one line, nothin
 
 import errno
 import json
+import math
 
+import cv2
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_clean_failure, make_dataset, run_program
+from ai_edge_litert.interpreter import Interpreter
+from conftest import (
+    ROOT,
+    assert_clean_failure,
+    distinct_images,
+    main_here,
+    make_dataset,
+    run_program,
+)
 from onnx import numpy_helper
-from photo_helpers import colour_model, photo_folder, refused_at_once, train_model
+from photo_helpers import (
+    SHOP_PHOTOS,
+    colour_model,
+    framed_items,
+    photo_folder,
+    product_folder,
+    refused_at_once,
+    train_model,
+    worn_photo,
+    write_photo,
+)
+from PIL import Image, ImageFilter, ImageOps
 
 import fashion_mnist_cnn as fm
 from fashion_shop import export, runtimes
+from fashion_shop.models import TUNED_NAME, Kind, load_trained_model
+from fashion_shop.photos import open_picture, prepare_colour
+from fashion_shop.predict import predict_images
 
 keras = fm.start_tensorflow_quietly()
 
@@ -64,6 +88,12 @@ def test_every_format_is_written_and_answers_as_the_model_in_its_own_runtime(
         "prepared_by": None,
         "preparation": None,
     }
+    # Step by step, in model.json and in docs/reference.md alike.
+    steps = description["input"]["preparation"]
+    assert steps == export.preparation_steps(Kind("fashion-mnist", False)) and len(steps) == 15
+    reference = " ".join((ROOT / "docs" / "reference.md").read_text().split())
+    for step in steps:
+        assert " ".join(step.split()) in reference, step
     assert description["output"] == {
         "name": "probabilities",
         "shape": [None, 10],
@@ -112,18 +142,75 @@ def test_a_bf16_improved_mirrored_model_exports_in_float32(data, tmp_path):
     assert runtimes.answers(session, images).dtype == np.float32
 
 
-def test_a_colour_model_is_checked_on_generated_or_given_photos(tmp_path, capsys):
-    model = colour_model(tmp_path / "model.keras")
+@pytest.fixture(scope="module")
+def colour(tmp_path_factory):
+    """A small untrained model of a --backbone model's shape, and its photos: colour product
+    shots in class folders, taller than 224 px or not."""
+    folder = tmp_path_factory.mktemp("colour")
+    return colour_model(folder / "model.keras"), product_folder(folder / "shop", per_class=3)
+
+
+def test_a_colour_model_is_checked_on_generated_or_given_photos(colour, tmp_path, capsys):
+    model, shop = colour
     assert export_to(tmp_path / "generated", model, "--format", "litert") == 0
-    assert f"checked on {export.GENERATED_PHOTOS} generated photos" in capsys.readouterr().out
-    description = json.loads((tmp_path / "generated" / "model.json").read_text())
-    assert description["input"]["shape"] == [None, 224, 224, 3]
-    assert not description["input"]["light_on_dark"]
-    shop = photo_folder(tmp_path / "shop", per_class=2)  # class folders: accuracy measured
+    printed = capsys.readouterr().out
+    assert f"checked on {export.GENERATED_PHOTOS} generated photos" in printed
+    agrees = f"as predict prepares them: the same top class on {export.GENERATED_PHOTOS} of"
+    assert agrees in printed, printed
+    given = json.loads((tmp_path / "generated" / "model.json").read_text())["input"]
+    assert given["shape"] == [None, None, None, 3] and given["dtype"] == "uint8"
+    assert given["prepared_in_the_graph"] == export.COLOUR_STEPS
+    assert given["agrees_with_predict"]["same_top_class"] == export.GENERATED_PHOTOS
     assert export_to(tmp_path / "given", model, "--photos", shop, "--format", "litert") == 0
-    assert "labelled photos" in capsys.readouterr().out
+    assert "9 labelled photos" in capsys.readouterr().out  # class folders: accuracy measured
     checks = json.loads((tmp_path / "given" / "model.json").read_text())["checks"]
     assert all("accuracy" in check for check in checks.values())
+
+
+def app_decoded(path):
+    """A photo decoded as model.json's input says, to fit in 224x224 as predict decodes it."""
+    with Image.open(path) as image:
+        image.thumbnail((224, 224), Image.Resampling.BOX, reducing_gap=1.0)
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def test_a_colour_export_takes_a_decoded_photo_and_answers_as_predict(colour, tmp_path):
+    """Point 6 of issue 47: the preparation is in the graph, so an app gives it the photo."""
+    model, shop = colour
+    assert export_to(tmp_path, model, "--photos", shop) == 0
+    name = json.loads((tmp_path / "model.json").read_text())["name"]
+    litert = Interpreter(str(tmp_path / f"{name}.tflite")).get_signature_runner()
+    onnx_session = runtimes.onnx_runner(tmp_path / f"{name}.onnx")
+    photos = sorted(shop.rglob("*.jpg"))
+    heights = {app_decoded(photo).shape[0] for photo in photos}
+    assert 224 in heights and min(heights) < 224  # shrunk, or enlarged in the graph
+    for photo, answer in zip(photos, predict_images(load_trained_model(model), photos)):
+        given = app_decoded(photo)[None]
+        for got in (litert(images=given)["probabilities"][0], onnx_session(given)[0]):
+            for top in answer["top3"]:
+                index = fm.CLASS_NAMES.index(top["class"])
+                assert abs(got[index] - top["probability"]) < 1e-5, photo
+
+
+def test_the_graphs_preparation_is_predicts_for_a_decoded_photo_and_close_for_a_large_one(
+    tmp_path,
+):
+    layer = export.colour_preparation()
+    for height, width in [(300, 225), (224, 224), (102, 136), (1200, 900), (640, 1000)]:
+        photo = np.full((height, width, 3), (228, 222, 215), np.uint8)
+        photo[height // 5 : 4 * height // 5, width // 3 : 2 * width // 3] = (150, 30, 40)
+        photo[height // 3 : height // 2, width // 4 : 3 * width // 4] = (30, 60, 200)
+        path = tmp_path / f"{height}x{width}.png"
+        Image.fromarray(photo).save(path)
+        expected = prepare_colour(path).astype(np.float32) / 255
+        for given in (app_decoded(path), photo):  # as predict decodes it, and as it is
+            got = np.asarray(layer(given[None]))[0]
+            difference = np.abs(got - expected)
+            if given.shape[:2] == open_picture(path, fit=224).size[::-1]:
+                assert difference.max() <= 1.01 / 255, (height, width)  # a rounding apart
+            else:  # resized by the graph: a hard edge may blur a little differently
+                assert difference.mean() < 0.5 / 255, (height, width)
+                assert np.percentile(difference, 99) < 16 / 255, (height, width)
 
 
 def altered_onnx(write_format):
@@ -163,7 +250,7 @@ def test_an_earlier_export_is_replaced_and_other_files_are_refused(trained, data
         "model.json",
     }
     (out / "notes.txt").write_text("mine")
-    result = run_program("export", trained, "--out-dir", out, "--data-dir", data)
+    result = main_here("export", trained, "--out-dir", out, "--data-dir", data)
     assert_clean_failure(result, "holds files that export did not write")
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.json").is_file()
 
@@ -195,7 +282,7 @@ def test_bad_input_is_one_line_at_once_and_nothing_is_written(
 
 
 def test_an_unknown_format_is_refused_by_argparse(trained):
-    result = run_program("export", trained, "--format", "tflite")
+    result = main_here("export", trained, "--format", "tflite")
     assert result.returncode == 2 and "invalid choice: 'tflite'" in result.stderr
 
 
@@ -240,12 +327,12 @@ def test_a_version_a_person_added_beside_the_export_is_never_removed(trained, da
     added = out / "fashion_mnist_cnn" / "2" / "saved_model.pb"  # TF Serving's next version
     added.parent.mkdir()
     added.write_text("theirs")
-    result = run_program("export", trained, "--out-dir", out, "--data-dir", data)
+    result = main_here("export", trained, "--out-dir", out, "--data-dir", data)
     assert_clean_failure(result, "holds files that export did not write")
     assert added.read_text() == "theirs"
     (out / "model.json").write_text("{damaged")
     added.unlink()
-    result = run_program("export", trained, "--out-dir", out, "--data-dir", data)
+    result = main_here("export", trained, "--out-dir", out, "--data-dir", data)
     assert_clean_failure(result, "holds files that export did not write")
 
 
@@ -310,3 +397,209 @@ def test_given_photos_that_cannot_be_prepared_or_labelled_are_one_line_at_once(
     (photos / "Hats").mkdir()  # a folder of class folders, one of them no class
     assert "Hats: names no class" in refused_at_once(monkeypatch, capsys, *argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shop"]
+
+
+def test_model_first_is_told_where_it_came_later(trained, tmp_path):
+    photos = photo_folder(tmp_path / "shop", per_class=1, classes=[3])
+    for argv in (["--photos", photos, trained], [photos, trained]):
+        result = main_here("export", *argv)
+        assert result.returncode == 2 and "MODEL comes first" in result.stderr, result.stderr
+        assert f"export {trained} [--photos" in result.stderr
+    assert main_here("export").returncode == 2  # no MODEL at all: argparse's own line
+
+
+# The accuracy on given photos: only those the model was not tuned on.
+
+
+def test_accuracy_on_given_photos_leaves_out_those_the_model_was_tuned_on(
+    trained, tmp_path, capsys
+):
+    photos = photo_folder(tmp_path / "shop", per_class=3, classes=[0, 1, 2, 3])
+    tuned = tmp_path / "tuned"
+    argv = ["finetune", trained, photos, "--epochs", "1", "--holdout", "0.34"]
+    assert main_here(*argv, "--out-dir", tuned).returncode == 0
+    held_out = json.loads((tuned / "metrics.json").read_text())["photos_held_out"]
+    assert held_out == 4  # one photo of each class
+
+    def exported(model, out):
+        assert export_to(tmp_path / out, model, "--photos", photos, "--format", "onnx") == 0
+        checks = json.loads((tmp_path / out / "model.json").read_text())["checks"]
+        return capsys.readouterr().out, checks
+
+    printed, checks = exported(tuned / "model.keras", "e1")
+    assert "8 of them tuned on (its metrics.json): accuracy on the other 4" in printed, printed
+    assert [check["accuracy_on"] for check in checks.values()] == [4]
+    # Moved away from its metrics.json, the model cannot tell: it says so, and counts all.
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "model.keras").write_bytes((tuned / "model.keras").read_bytes())
+    printed, checks = exported(tmp_path / "alone" / "model.keras", "e2")
+    assert "which of them it was tuned on is unknown" in printed, printed
+    assert [check["accuracy_on"] for check in checks.values()] == [12]
+    # A training run's model learned Fashion-MNIST alone.
+    printed, _ = exported(trained, "e3")
+    assert "a training run's model: none of them tuned on" in printed
+
+
+# A 28x28 model's preparation, done by an app from model.json's words alone: no call into
+# fashion_shop/photos.py here. Each function is a step of export.STEPS_28.
+
+
+def decoded(path):
+    """Step 1."""
+    with Image.open(path) as image:
+        picture = image
+        if image.mode in ("I", "I;16", "I;16B"):
+            picture = image.convert("I").point(lambda v: v / 257).convert("L")
+        if image.mode in ("1", "P"):
+            picture = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        picture.thumbnail((224, 224), Image.Resampling.BOX, reducing_gap=1.0)
+        picture = ImageOps.exif_transpose(picture)
+        if picture.has_transparency_data:
+            white = Image.new("RGBA", picture.size, "white")
+            picture = Image.alpha_composite(white, picture.convert("RGBA"))
+        return picture.convert("RGB")
+
+
+def distance(pixels, colour):
+    return np.sqrt(((pixels - colour) ** 2).mean(axis=-1))
+
+
+def item_map(pixels):
+    """Steps 2 and 3."""
+    edges = [pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:]]
+    border = np.concatenate([edge.reshape(-1, 3) for edge in edges])
+    background = np.median(border, axis=0)
+    noise = 2.5 * np.median(distance(border, background))
+    return np.clip(distance(pixels, background) - noise, 0, 255).astype(np.uint8)
+
+
+def box_of(item):
+    """Step 4."""
+    above = np.pad(item > 13, 1, mode="edge").astype(int)
+    height, width = item.shape
+    around = sum(above[i : i + height, j : j + width] for i in range(3) for j in range(3))
+    rows, columns = np.flatnonzero((around >= 5).any(axis=1)), np.flatnonzero((around >= 5).any(0))
+    return (columns[0], rows[0], columns[-1] + 1, rows[-1] + 1) if rows.size else None
+
+
+def face_of(picture, box):
+    """Step 5."""
+    left, top, right, bottom = box
+    height, width = bottom - top, right - left
+    if 10 * height < 9 * width:
+        return None
+    area = (left + width // 10, top, right - width // 10, top + height // 2)
+    grey = np.asarray(picture.crop(area).convert("L"))
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    sizes = {"minSize": (max(16, height // 10),) * 2, "maxSize": (2 * height // 5,) * 2}
+    ycbcr = np.asarray(picture.convert("YCbCr"))
+    skin = []
+    for x, y, w, h in cascade.detectMultiScale(grey, 1.1, 5, **sizes):
+        x, y = x + area[0], y + area[1]
+        middle = ycbcr[y + h // 4 : y + 3 * h // 4, x + w // 4 : x + 3 * w // 4].reshape(-1, 3)
+        if 77 <= np.median(middle[:, 1]) <= 127 and 133 <= np.median(middle[:, 2]) <= 173:
+            skin.append((x, y, w, h))
+    return max(skin, key=lambda face: face[2] * face[3]) if skin else None
+
+
+def garment_alone(item, picture, face):
+    """Step 6."""
+    x, y, w, h = face
+    item = item.copy()
+    item[: y + h + h // 5, max(0, x - 3 * w // 10) : x + w + 3 * w // 10] = 0
+    rgb = np.asarray(picture).astype(int) // 16
+    numbers = rgb[..., 0] * 256 + rgb[..., 1] * 16 + rgb[..., 2]
+    chest = numbers[y + 13 * h // 10 : y + 3 * h, max(0, x - w // 4) : x + w + w // 4]
+    item[(np.bincount(chest.ravel(), minlength=4096) / chest.size)[numbers] < 0.002] = 0
+    return item
+
+
+def made_level(item, box):
+    """Step 7."""
+    left, top, right, bottom = box
+    above = item[top:bottom, left:right] > 13
+    columns = np.flatnonzero(above.any(axis=0))
+    if columns.size < 10:
+        return item
+    lowest = np.array([np.flatnonzero(above[:, column])[-1] for column in columns])
+    middle = slice(columns.size // 10, columns.size * 9 // 10)
+    degrees = math.degrees(math.atan(np.polyfit(columns[middle], lowest[middle], 1)[0]))
+    if not 3 <= abs(degrees) <= 30:
+        return item
+    return np.asarray(Image.fromarray(item).rotate(degrees, Image.Resampling.BILINEAR, expand=True))
+
+
+def prepared_from_the_words(path, fashion_mnist_view):
+    picture = decoded(path)
+    item = item_map(np.asarray(picture, np.float64))
+    box, face = box_of(item), None
+    if fashion_mnist_view and box is not None:
+        face = face_of(picture, box)
+        if face is not None:
+            item = garment_alone(item, picture, face)
+        elif box[2] - box[0] > box[3] - box[1]:
+            item = made_level(item, box)
+        box = box_of(item)
+    grey = Image.fromarray(item).crop(box) if box is not None else Image.fromarray(item)
+    if face is not None and 4 * grey.width > 3 * grey.height:
+        grey = grey.resize((3 * grey.height // 4, grey.height), Image.Resampling.BOX)
+    size = tuple(max(1, round(side / max(grey.size) * 28)) for side in grey.size)
+    grey = grey.resize(size, Image.Resampling.LANCZOS)
+    grey = grey.filter(ImageFilter.UnsharpMask(radius=1, percent=100, threshold=0))
+    top = max(np.percentile(np.asarray(grey), 99.5), 1)
+    grey = grey.point(lambda v: min(255, round(v * 255 / top)))
+    lit = np.asarray(grey)[np.asarray(grey) > 40]
+    if grey.width > grey.height and lit.size and np.median(lit) < 160:
+        gamma = math.log(160 / 255) / math.log(np.median(lit) / 255)
+        grey = grey.point(lambda v: round(255 * (v / 255) ** gamma))
+    image = np.asarray(ImageOps.pad(grey, (28, 28), color=0))
+    counts = (image > 40).sum(axis=0)
+    columns = np.flatnonzero(counts)
+    if columns.size >= 4:
+        first, last = columns[0], columns[-1]
+        third = (last + 1 - first) // 3
+        if counts[first : first + third].mean() > 1.15 * counts[last + 1 - third : last + 1].mean():
+            image = image[:, ::-1]
+    return image
+
+
+def some_photos(folder):
+    """A worn T-shirt (a face found), a boot at an angle (levelled, lit, turned left), a
+    product shot, a grey PNG; and every 24th real shop photo where they are here."""
+    tilted = np.zeros((120, 200), np.uint8)
+    tilted[60:90, 20:180] = tilted[30:60, 120:180] = 110
+    boot = Image.fromarray(255 - tilted).rotate(-15, Image.Resampling.BILINEAR, fillcolor=255)
+    boot.convert("RGB").save(folder / "boot.jpg", quality=92)
+    Image.fromarray(framed_items(np.array([4]))[0]).save(folder / "grey.png")
+    photos = [worn_photo(folder / "worn.png"), folder / "boot.jpg", folder / "grey.png"]
+    photos.append(write_photo(folder / "coat.jpg", distinct_images(np.array([4]))[0]))
+    if SHOP_PHOTOS.is_dir():
+        photos += sorted(SHOP_PHOTOS.rglob("*.jpg"))[::24]
+    return photos
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["a training run's", "a tuned one"])
+def test_an_app_following_model_json_gets_predicts_answers_from_the_tflite(
+    trained, data, tmp_path, tuned
+):
+    model_path = trained
+    if tuned:  # a model finetune wrote, by its name: shown photos as photographed
+        model = load_trained_model(trained)
+        model.name = TUNED_NAME
+        model.save(model_path := tmp_path / "tuned.keras")
+    argv = ["--format", "litert", "--data-dir", data]
+    assert export_to(tmp_path / "export", model_path, *argv) == 0
+    description = json.loads((tmp_path / "export" / "model.json").read_text())
+    steps = description["input"]["preparation"]
+    assert len(steps) == (11 if tuned else 15)  # the Fashion-MNIST view's four left out
+    name = description["name"]
+    runner = Interpreter(str(tmp_path / "export" / f"{name}.tflite")).get_signature_runner()
+    photos = some_photos(tmp_path)
+    answers = predict_images(load_trained_model(model_path), photos)
+    for photo, answer in zip(photos, answers):
+        image = prepared_from_the_words(photo, fashion_mnist_view=not tuned)
+        given = {description["input"]["name"]: (image / 255).astype(np.float32)[None, ..., None]}
+        probabilities = runner(**given)[description["output"]["name"]][0]
+        for top in answer["top3"]:
+            index = description["output"]["classes"].index(top["class"])
+            assert abs(probabilities[index] - top["probability"]) < 1e-5, photo
