@@ -417,6 +417,16 @@ def named(model, colour):
     return exported
 
 
+def keras_answers(exported):
+    """The exported Keras model's answers for a batch: traced once for photos of any size
+    (predict_on_batch would trace it again for each size)."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec(exported.inputs[0].shape, exported.inputs[0].dtype)
+    answer = tf.function(lambda images: exported(images)[runtimes.OUTPUT], input_signature=[spec])
+    return lambda images: answer(images).numpy()
+
+
 def write_format(model, fmt, folder, quantized=False):
     """The model written in one format under folder; returns the path a runtime loads."""
     import tensorflow as tf
@@ -607,9 +617,7 @@ def main(argv):
         exported = named(model, colour=kind.photos == "colour")
         # The Keras model's answers, one photo at a time (no mirror image), to prove each
         # export against.
-        expected = runtimes.answers(
-            lambda images: exported.predict_on_batch(images)[runtimes.OUTPUT], batch.images
-        )
+        expected = runtimes.answers(keras_answers(exported), batch.images)
         print(f"Exporting {args.model} ({model.name}), checked on {batch.what}:")
         agreement = None
         if kind.photos == "colour":
