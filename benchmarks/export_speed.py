@@ -11,7 +11,8 @@ per request) and batch throughput (images a second over the whole check batch in
 256, what a catalogue job gets). The sides: Keras' `model.predict` and `predict_on_batch` on
 the .keras file, the SavedModel's `serve` signature (TensorFlow without Keras), LiteRT's
 interpreter on the float and the int8-weight file, onnxruntime. Images: the 10,000 test images
-for a 28x28 model, else the photos given (prepared as predict prepares them).
+for a 28x28 model, else the photos given: prepared as predict prepares them for Keras, decoded
+(to fit in 224x224) for a colour model's exports, which prepare them in their graph.
 
 ONEDNN_MAX_CPU_ISA caps only TensorFlow's oneDNN (Keras, the SavedModel); LiteRT (XNNPACK) and
 onnxruntime pick their own kernels from the CPU, so they are measured at the machine's own class.
@@ -24,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,22 +80,30 @@ def main():
     keras = fm.start_tensorflow_quietly()
     model = load_trained_model(args.model)
     in_float32(model)
-    images, _, what = check_batch(
-        argparse.Namespace(photos=args.photos, data_dir=None), kind_of(model)
+    batch = check_batch(
+        argparse.Namespace(photos=args.photos, data_dir=None, model=args.model), kind_of(model)
     )
+    # A colour model's exports take the decoded photos and prepare them in their graph; Keras'
+    # model takes them prepared.
+    prepared = batch.images if batch.prepared is None else batch.prepared
     with tempfile.TemporaryDirectory() as folder:
         sides = {
-            "Keras predict": lambda x: model.predict(x, verbose=0),
-            "Keras predict_on_batch": model.predict_on_batch,
-            **exported(args.model, Path(folder), args.photos),
+            "Keras predict": (lambda x: model.predict(x, verbose=0), prepared),
+            "Keras predict_on_batch": (model.predict_on_batch, prepared),
+            **{
+                side: (run, batch.images)
+                for side, run in exported(args.model, Path(folder), args.photos).items()
+            },
         }
-        one = scale_pixels(images[:1])
         best = {side: [float("inf"), 0.0] for side in sides}
         for round_ in range(args.rounds):
-            for side, run in sides.items():
+            for side, (run, images) in sides.items():
+                one = images[:1] if isinstance(images, list) else scale_pixels(images[:1])
+                one = np.stack(one) if isinstance(one, list) else one
                 best[side][0] = min(best[side][0], latency(run, one))
                 best[side][1] = max(best[side][1], throughput(run, images))
             print(f"round {round_ + 1} of {args.rounds} done", file=sys.stderr)
+    what = batch.what
     name, flags = fm.cpu_info()
     print(
         f"{name}, {fm.cpu_class(flags)}, {fm.cpu_cores()} cores, oneDNN {fm.onednn_setting()}; "

@@ -190,6 +190,13 @@ def test_a_colour_export_takes_a_decoded_photo_and_answers_as_predict(colour, tm
             for top in answer["top3"]:
                 index = fm.CLASS_NAMES.index(top["class"])
                 assert abs(got[index] - top["probability"]) < 1e-5, photo
+    # A photo larger than 224 px is shrunk in the graph (its other branch), by each runtime
+    # as by Keras.
+    large = np.kron(np.asarray(Image.open(photos[0])), np.ones((3, 3, 1), np.uint8))[None]
+    keras_model = load_trained_model(model)
+    expected = keras_model.predict_on_batch(export.colour_preparation()(large))[0]
+    for got in (litert(images=large)["probabilities"][0], onnx_session(large)[0]):
+        assert np.abs(got - expected).max() < 1e-5
 
 
 def test_the_graphs_preparation_is_predicts_for_a_decoded_photo_and_close_for_a_large_one(
