@@ -216,7 +216,7 @@ def mean_and_range(results, title):
     """One table row per figure: its mean (lowest-highest) over the results."""
     print(f"\n{title}:")
     for key in results[0]:
-        if key in ("curve", "photos", "corrected by the person"):
+        if key in ("curve", "photos", "corrected by the person", "unsure"):
             continue
         values = [r[key] for r in results]
         print(f"| {key} | {statistics.mean(values):.1%} ({min(values):.1%}-{max(values):.1%}) |")
@@ -264,6 +264,44 @@ def one_seed(photos, seed, work, unsure):
     }
 
 
+def merged(folders, into):
+    """One folder of class folders (links) holding the photos of all the folders given, each in
+    its class folder, in unsure/ where it was there."""
+    for folder in folders:
+        for rel, label in sorting.scan(folder).items():
+            where = into / sorting.class_folder(fm.CLASS_NAMES[label])
+            where = where / sorting.UNSURE if sorting.UNSURE in rel.parts[1:-1] else where
+            where.mkdir(parents=True, exist_ok=True)
+            (where / rel.name).symlink_to((folder / rel).resolve())
+    return into
+
+
+def unchecked_seed(photos, seed, work, unsure):
+    """--unchecked: the unsure photos of an unchecked sorted catalogue left out or tuned on."""
+    parts = split(photos, seed, work)
+    rows = tune_and_sort(work, "m1", unsure)
+    sorted_into, truth = work / "sorted", parts["catalogue"]
+    right = {row["path"]: truth[row["path"]] == row["class"] for row in rows}
+    marked = [row["path"] for row in rows if sorting.UNSURE in Path(row["sorted_as"]).parts]
+    both = merged([work / "tuned", sorted_into], work / "both")
+    results = {
+        "unsure": len(marked),
+        "of them right": float(np.mean([right[path] for path in marked])),
+        "new photos, model tuned before": accuracy(
+            work / "m1" / "model.keras", work / "new", parts["new"]
+        ),
+    }
+    for what, folder in [("catalogue alone", sorted_into), ("tuned before + catalogue", both)]:
+        for option, extra in [("unsure left out", []), ("--include-unsure", ["--include-unsure"])]:
+            out = work / f"m-{len(results)}"
+            program("finetune", "--backbone", "mobilenet_v2", folder, "--holdout", "0",
+                    "--out-dir", out, *extra)  # fmt: skip
+            results[f"new photos, {what}, {option}"] = accuracy(
+                out / "model.keras", work / "new", parts["new"]
+            )
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("photos", type=Path, help="labelled photos, a folder per class")
@@ -271,6 +309,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=1, help="of the folds, dealt anew")
     parser.add_argument("--seeds", type=int, default=3, help="0: no loop of 40/40/20 splits")
     parser.add_argument("--unsure", type=float, default=sorting.UNSURE_BELOW)
+    parser.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="the seeds' loop: an unchecked catalogue's unsure photos left out or tuned on",
+    )
     args = parser.parse_args()
     if args.folds == 1:
         parser.error("--folds: 0, or at least 2 (one fold has no others to tune on)")
@@ -285,6 +328,16 @@ def main():
                 pooled, f"pooled over the folds, mean (lowest-highest) of {args.repeats}"
             )
     if not args.seeds:
+        return
+    if args.unchecked:
+        results = []
+        for seed in range(args.seeds):
+            with tempfile.TemporaryDirectory() as work:
+                results.append(unchecked_seed(photos, seed, Path(work), args.unsure))
+            shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in results[-1].items())  # fmt: skip
+            print(f"seed {seed}: {shown}", flush=True)
+        mean_and_range(results, f"mean (lowest-highest) over {args.seeds} seeds, unchecked")
         return
     results = []
     for seed in range(args.seeds):
