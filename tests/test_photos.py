@@ -18,6 +18,7 @@ from fashion_shop.photos import (
     SHOE_MEDIAN,
     PhotoError,
     brightened,
+    colour_distance,
     face_detector,
     find_face,
     levelled,
@@ -81,6 +82,18 @@ def test_an_item_far_longer_than_thick_keeps_a_pixel_of_thickness(tmp_path, size
     rows, cols = np.nonzero(image > 128)
     long_side, thickness = (cols, rows) if width > height else (rows, cols)
     assert np.ptp(long_side) >= 26 and np.ptp(thickness) <= 1
+
+
+def test_a_grey_on_a_grey_is_its_whole_distance_in_any_precision():
+    """The item map truncates distances to whole numbers: one that is whole in exact arithmetic
+    must come out whole, in float32 here as in an app's float64 (export's written steps)."""
+    levels = np.arange(256, dtype=np.float32)
+    for background in (0.0, 12.5, 255.0):
+        greys = np.stack([levels] * 3, axis=-1)
+        exact = np.abs(levels - background)
+        for dtype in (np.float32, np.float64):
+            found = colour_distance(greys.astype(dtype), np.full(3, background, dtype))
+            assert (found == exact).all(), (background, dtype)
 
 
 def test_preparation_removes_any_background_and_stretches_the_item(tmp_path):
