@@ -272,6 +272,8 @@ def labelled_photos(args):
     found = find_labelled_photos(args.folder, sorted_catalogue=catalogue_folder)
     unchecked = np.array([is_unchecked(path, args.folder) for path, _ in found], bool)
     counts = checked_by_a_person(args.folder) if catalogue_folder else None
+    if not found:  # a sorted catalogue's class folders, every one emptied
+        raise UserError(f"{args.folder}: no PNG or JPEG photos in its class folders")
     if args.include_unsure:
         return found, unchecked, counts
     if unchecked.all():  # find_labelled_photos refuses a folder without photos: some are here

@@ -371,3 +371,8 @@ def test_a_sorted_catalogue_is_learned_from_what_a_person_checked(sure_of_some, 
     assert f"{left} unchecked guesses in unsure/ tuned on too (--include-unsure)" in result.stdout
     metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert metrics["photos_tuned_on"] == 30 and metrics["unchecked_tuned_on"]
+    # Every class folder emptied by a person: one line, not a traceback.
+    for photo in sorting.scan(out):
+        (out / photo).unlink()
+    result = main_here(*argv, "--out-dir", tmp_path / "none")
+    assert result.returncode == 1 and "no PNG or JPEG photos in its class folders" in result.stderr
