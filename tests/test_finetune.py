@@ -14,6 +14,7 @@ from photo_helpers import (
     photo_folder,
     product_folder,
     refused_at_once,
+    sharpened_model,
     worn_photo,
     write_photo,
 )
@@ -21,7 +22,7 @@ from PIL import Image
 
 import fashion_mnist_cnn as fm
 from fashion_shop import finetune, folders, sorting
-from fashion_shop.models import CALIBRATED, Kind, declared_kind, load_trained_model, scale_pixels
+from fashion_shop.models import Kind, declared_kind, load_trained_model, scale_pixels
 from fashion_shop.photos import PREPARATIONS, prepare_as_photographed, prepare_image
 from fashion_shop.predict import predict_images, top_three
 
@@ -324,17 +325,9 @@ def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
 
 @pytest.fixture(scope="module")
 def sure_of_some(tmp_path_factory):
-    """An untrained 28x28 model sure of some photos and not of others (its last layer
-    sharpened), named as a calibrated one is: predict --sort-into marks the unsure by default."""
-    keras.utils.set_random_seed(0)
-    model = fm.build_model("float32")
-    kernel, _ = model.layers[-1].get_weights()
-    bias = np.random.default_rng(0).normal(0, 1.5, 10).astype(np.float32)
-    model.layers[-1].set_weights([kernel * 100, bias])
-    model.name = "fashion_mnist_cnn" + CALIBRATED
-    path = tmp_path_factory.mktemp("sure-of-some") / "model.keras"
-    model.save(path)
-    return path
+    """A model sure of some photos and not of others, named as a calibrated one is: predict
+    --sort-into marks the unsure by default."""
+    return sharpened_model(tmp_path_factory.mktemp("sure-of-some") / "model.keras")
 
 
 def test_a_sorted_catalogue_is_learned_from_what_a_person_checked(sure_of_some, tmp_path):
