@@ -905,6 +905,23 @@ def unfinished_runs(command):
     return [(folder, state) for _, folder, state in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
+def can_go_on(state, epochs):
+    """Whether the same command may continue this backup's run by itself: the process that
+    wrote it has ended (no two runs in one folder), and it has not done more than `epochs`."""
+    if not isinstance(state, dict) or state.get("progress", {}).get("epochs_completed", 0) > epochs:
+        return False
+    pid = state.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() or os.name == "nt":  # nt: kill 0 is Ctrl-C
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process is there
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
 def newest_unfinished_run(command):
     """What --resume continues: the run folder under runs/ backed up last by `command`."""
     runs = unfinished_runs(command)
@@ -1008,6 +1025,7 @@ class Run(NamedTuple):
     command: str  # "training" or "finetune"
     options: dict  # what a continued run must share with the run it continues
     backup: dict | None  # the backup to continue from, checked
+    again: str = ""  # what the same command needs to continue the run: nothing, or less --overwrite
 
 
 def open_run(args, command, options, suffix=""):
@@ -1018,7 +1036,11 @@ def open_run(args, command, options, suffix=""):
     out_dir, same = args.out_dir, ""
     if out_dir is None and not (args.resume or args.overwrite):
         runs = unfinished_runs(command)
-        like = [folder for folder, state in runs if state and state.get("options") == options]
+        like = [
+            folder
+            for folder, state in runs
+            if can_go_on(state, args.epochs) and state.get("options") == options
+        ]
         if like:
             out_dir = like[0]
             same = " (an unfinished run with the same options; --overwrite starts anew)"
@@ -1030,7 +1052,7 @@ def open_run(args, command, options, suffix=""):
             print(f"Continuing {out_dir}: its {done} epochs are done; evaluating and saving{same}")
         else:
             print(f"Continuing {out_dir} from epoch {done + 1} of {args.epochs}{same}")
-    return Run(out_dir, command, options, backup)
+    return Run(out_dir, command, options, backup, " without --overwrite" * args.overwrite)
 
 
 def random_state(model):
@@ -1052,7 +1074,7 @@ def save_backup(model, out_dir, command, options, progress):
         raise OSError(errno.ENOSPC, "No space left on device", str(weights))
     model.save_weights(weights)  # with the optimizer's state
     state = {"format": BACKUP_FORMAT, "command": command, "options": options, "progress": progress}
-    state |= {"weights": weights.name, "weights_sha256": file_sha256(weights)}
+    state |= {"weights": weights.name, "weights_sha256": file_sha256(weights), "pid": os.getpid()}
     state["random_state"] = [variable.numpy().tolist() for variable in random_state(model)]
     save_json(state | {"checksum": state_checksum(state)}, folder / "state.json")
     for old in folder.glob("*.weights.h5"):
@@ -1125,7 +1147,7 @@ def finish_run(run, model, progress, stop_signal, results, details, saved):
     if stop_signal is None:
         remove_backup(run.out_dir)
         return 0
-    print(f"Run the same command again to continue from epoch {done + 1}.")
+    print(f"Run the same command{run.again} again to continue from epoch {done + 1}.")
     return 128 + stop_signal  # the shell's code: 130 for Ctrl-C, 143 for SIGTERM
 
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fashion_mnist_cnn import CLASS_NAMES, UserError, atomic_path, file_sha256
+from fashion_mnist_cnn import UserError, atomic_path, file_sha256
 from fashion_shop.folders import (
     CATALOGUE_FILES,
     CSV_NAME,  # noqa: F401 (DIR's CSV, named for predict)
@@ -312,12 +312,3 @@ def copy_file(source, destination):
             writing.truncate()
             shutil.copyfileobj(reading, writing)
     shutil.copystat(source, destination)
-
-
-def corrections(rows, files):
-    """How many sorted photos a person moved to another class than predict's answer."""
-    answers = {row.path: row.answer for row in rows}
-    now, _ = match(rows, files)
-    return sum(
-        rel is not None and CLASS_NAMES[files[rel]] != answers[photo] for photo, rel in now.items()
-    )

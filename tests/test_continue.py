@@ -352,3 +352,23 @@ def test_the_same_command_continues_a_killed_run_without_out_dir(
     # Finished now: the same command starts a new run.
     assert main_here(*command, "--epochs", "1", cwd=tmp_path).returncode == 0
     assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_the_same_command_leaves_alone_a_run_still_going_or_one_further_along():
+    """Two identical commands at once must not train into one folder; nor is a run that has
+    done more epochs than asked continued (and refused) when no --out-dir names it."""
+    state = {"progress": {"epochs_completed": 2}}
+    assert fm.can_go_on(state | {"pid": os.getpid()}, 4)  # stopped in this very process
+    assert not fm.can_go_on(state | {"pid": os.getppid()}, 4)  # still going
+    assert fm.can_go_on(state | {"pid": 2**22 + 7}, 4)  # past Linux's largest pid: no one's
+    assert fm.can_go_on(state, 2) and not fm.can_go_on(state, 1)
+    assert not fm.can_go_on(None, 4)
+
+
+def test_a_run_stopped_with_overwrite_says_to_leave_it_out_to_continue(tmp_path, capsys):
+    model = fm.build_model("float32")
+    run = fm.Run(tmp_path, "training", {}, None, " without --overwrite")
+    progress = fm.new_progress() | {"epochs_completed": 1}
+    assert fm.finish_run(run, model, progress, signal.SIGINT, {}, {}, "it") == 130
+    said = "Run the same command without --overwrite again to continue from epoch 2."
+    assert said in capsys.readouterr().out
