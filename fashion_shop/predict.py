@@ -326,9 +326,19 @@ def finish_sorting(state, outcome, model_path):
         line = sorting.outside_line(state.sort_into, where, [rel for rel, _ in away])
         print(f"note: {line}", file=out)
     others = [row for _, _, row in view.photos if row and row.model != state.model]
+    unrecorded = [row for row in others if not row.model]  # sorted before models were recorded
+    if unrecorded:
+        print(
+            f"note: {photos_count(len(unrecorded))} in {state.sort_into}/ "
+            f"{'was' if len(unrecorded) == 1 else 'were'} sorted by an earlier version that did "
+            f"not record its model; if that was not {model_path}, give their photos with "
+            "--reclassify to classify them again with it",
+            file=out,
+        )
+    others = [row for row in others if row.model]
     if others:
         record = models.get(others[0].model, {})
-        which = record.get("path", "a model not recorded")
+        which = record.get("path", "a model not recorded")  # .models.json lost or damaged
         which += ", and others" * (len({row.model for row in others}) > 1)
         print(
             f"note: {photos_count(len(others))} in {state.sort_into}/ "

@@ -404,7 +404,7 @@ def test_the_csv_of_a_sorted_folder_keeps_earlier_runs_photos_and_earlier_versio
     rows, _ = catalogue.read_rows_done(table, [Path("/new/b.jpg")], sorted_into=tmp_path)
     assert rows == [row]
     # A folder sorted before the model was recorded: its rows kept, the CSV given the column,
-    # and its photos said to be another model's.
+    # and its photos said to be sorted by a model it did not record.
     photos = shop(tmp_path / "photos", [1, 2])
     out = tmp_path / "sorted"
     assert sort(model_path, photos[0], "--sort-into", out) == 0
@@ -413,7 +413,9 @@ def test_the_csv_of_a_sorted_folder_keeps_earlier_runs_photos_and_earlier_versio
     (out / sorting.CSV_NAME).write_text("\n".join(earlier) + "\n")
     capsys.readouterr()
     assert sort(model_path, tmp_path / "photos", "--sort-into", out) == 0
-    assert "1 photo in" in capsys.readouterr().out  # was sorted by a model not recorded
+    printed = capsys.readouterr().out
+    assert "1 photo in" in printed and "an earlier version that did not record its model" in printed
+    assert "another model" not in printed
     rows = rows_of(out)
     assert [row["path"] for row in rows] == [str(p) for p in photos]
     assert [row["model"] for row in rows] == ["", sorting.model_id(model_path)]
