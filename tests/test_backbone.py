@@ -55,6 +55,7 @@ def is_calibrated(model_path):
     return name.endswith(CALIBRATED)
 
 
+@pytest.mark.slow
 @needs_weights
 def test_a_new_process_calibrates_enough_photos_quietly_and_says_so_in_the_name(tmp_path):
     """The one run in a new process: TensorFlow's and Keras' notes stay hidden there."""
@@ -76,6 +77,7 @@ def test_a_new_process_calibrates_enough_photos_quietly_and_says_so_in_the_name(
     assert is_calibrated(out / "model.keras")
 
 
+@pytest.mark.slow
 @needs_weights
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_backbone_learns_the_photos_and_predict_uses_its_model(backbone, weights, tmp_path):
@@ -129,6 +131,7 @@ def test_without_the_weights_and_offline_one_line_says_where_to_put_them(
     assert not (out / "model.keras").exists()
 
 
+@pytest.mark.slow
 @needs_weights
 @pytest.mark.skipif(not SHOP_PHOTOS.is_dir(), reason="../shared/product-photos absent")
 def test_real_shop_photos_are_learned(weights, tmp_path):

@@ -62,6 +62,7 @@ def check_images(data):
     return x_test, y_test
 
 
+@pytest.mark.slow
 def test_every_format_is_written_and_answers_as_the_model_in_its_own_runtime(
     trained, data, tmp_path, capsys
 ):
@@ -150,6 +151,7 @@ def colour(tmp_path_factory):
     return colour_model(folder / "model.keras"), product_folder(folder / "shop", per_class=3)
 
 
+@pytest.mark.slow
 def test_a_colour_model_is_checked_on_generated_photos(colour, tmp_path, capsys):
     model, shop = colour
     assert export_to(tmp_path / "generated", model, "--format", "litert") == 0
@@ -170,6 +172,7 @@ def app_decoded(path):
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_a_colour_export_takes_a_decoded_photo_and_answers_as_predict(colour, tmp_path, capsys):
     """Point 6 of issue 47: the preparation is in the graph, so an app gives it the photo."""
     model, shop = colour
@@ -236,6 +239,7 @@ def altered_onnx(write_format):
     return write
 
 
+@pytest.mark.slow
 def test_an_export_altered_on_purpose_is_refused_and_nothing_is_written(
     trained, data, tmp_path, monkeypatch, capsys
 ):
@@ -246,6 +250,7 @@ def test_an_export_altered_on_purpose_is_refused_and_nothing_is_written(
     assert list(tmp_path.iterdir()) == []  # neither --out-dir nor a partial folder
 
 
+@pytest.mark.slow
 def test_an_earlier_export_is_replaced_and_other_files_are_refused(trained, data, tmp_path):
     out = tmp_path / "export"
     assert export_to(out, trained, "--data-dir", data, "--format", "onnx") == 0
@@ -292,6 +297,7 @@ def test_an_unknown_format_is_refused_by_argparse(trained):
     assert result.returncode == 2 and "invalid choice: 'tflite'" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "problem",
     [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
@@ -320,6 +326,7 @@ def test_a_full_disk_or_a_stop_leaves_nothing_that_looks_whole(
     assert (out / "model.json").read_text() == before  # the earlier export stays whole
 
 
+@pytest.mark.slow
 def test_export_as_a_command_is_quiet(trained, data, tmp_path):
     result = run_program("export", trained, "--data-dir", data, "--out-dir", tmp_path / "x")
     assert result.returncode == 0, result.stderr
@@ -417,6 +424,7 @@ def test_model_first_is_told_where_it_came_later(trained, tmp_path):
 # The accuracy on given photos: only those the model was not tuned on.
 
 
+@pytest.mark.slow
 def test_accuracy_on_given_photos_leaves_out_those_the_model_was_tuned_on(
     trained, tmp_path, capsys
 ):
@@ -584,6 +592,7 @@ def some_photos(folder):
     return photos
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tuned", [False, True], ids=["a training run's", "a tuned one"])
 def test_an_app_following_model_json_gets_predicts_answers_from_the_tflite(
     trained, data, tmp_path, tuned

@@ -58,6 +58,7 @@ def improved_model_path(tmp_path_factory):
     return trained_model_path(tmp_path_factory, "improved")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["seed", "improved"])
 def test_finetune_learns_from_a_few_photos_and_predict_uses_it(arch, request, tmp_path):
     model_path = request.getfixturevalue("model_path" if arch == "seed" else "improved_model_path")
@@ -84,6 +85,7 @@ def test_finetune_learns_from_a_few_photos_and_predict_uses_it(arch, request, tm
     assert tuned.returncode == 0 and tuned.stdout.count("\n") == 12, tuned.stderr
 
 
+@pytest.mark.slow
 def test_a_tuned_model_gets_photos_prepared_as_it_was_tuned_on(model_path, tmp_path):
     # Tuned on garments left on their models, it is shown them so; the Fashion-MNIST model is
     # shown the garment alone.
@@ -104,6 +106,7 @@ def test_a_tuned_model_gets_photos_prepared_as_it_was_tuned_on(model_path, tmp_p
     )
 
 
+@pytest.mark.slow
 def test_before_is_measured_on_the_photos_as_predict_shows_them(model_path, tmp_path, monkeypatch):
     photos = photo_folder(tmp_path / "photos", per_class=5, classes=[1])
     (photos / "T-shirt-top").mkdir()
@@ -303,6 +306,7 @@ def test_finetune_without_backbone_refuses_a_colour_model_at_once(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_during_finetune_saves_what_was_learned(model_path, tmp_path):
     photos = photo_folder(tmp_path / "photos", per_class=6)
     out = tmp_path / "out"
@@ -330,6 +334,7 @@ def sure_of_some(tmp_path_factory):
     return sharpened_model(tmp_path_factory.mktemp("sure-of-some") / "model.keras")
 
 
+@pytest.mark.slow
 def test_a_sorted_catalogue_is_learned_from_what_a_person_checked(sure_of_some, tmp_path):
     """Point 5 of issue 47: the photos still in unsure/ are the model's unchecked guesses;
     finetune says what it learns from and leaves them out unless --include-unsure."""

@@ -157,6 +157,7 @@ def test_exif_rotation_is_honoured(tmp_path, scale):
     assert rows.max() - rows.min() > 2 * (cols.max() - cols.min())  # tall, as meant
 
 
+@pytest.mark.slow
 def test_a_large_photo_is_shrunk_first_and_prepared_as_its_full_size_copy(tmp_path):
     path = write_photo(tmp_path / "big.jpg", distinct_images(np.array([3]))[0], size=1800)
     with Image.open(path) as image:
