@@ -169,7 +169,7 @@ def accuracy_report(result):
 def is_unchecked(path, folder):
     """Whether a photo is in a class folder's unsure/ subfolder: there predict --sort-into puts
     the answers it is unsure of, and a person checking them moves each out."""
-    return sorting.UNSURE in path.relative_to(folder).parts[1:-1]
+    return sorting.in_unsure(path.relative_to(folder))
 
 
 def checked_by_a_person(folder):
@@ -185,15 +185,15 @@ def checked_by_a_person(folder):
     answers = {row.path: row for row in rows}
     counts = {"checked": 0, "corrected": 0, "sure as sorted": 0}
     for rel in theirs:  # put there by a person
-        counts["checked"] += sorting.UNSURE not in rel.parts[1:-1]
+        counts["checked"] += not sorting.in_unsure(rel)
     for photo, rel in now.items():
-        if rel is None or sorting.UNSURE in rel.parts[1:-1]:
+        if rel is None or sorting.in_unsure(rel):
             continue
         row = answers[photo]
         if CLASS_NAMES[files[rel]] != row.answer:
             counts["corrected"] += 1
             counts["checked"] += 1
-        elif sorting.UNSURE in Path(row.sorted_as).parts[1:-1]:
+        elif sorting.in_unsure(row.sorted_as):
             counts["checked"] += 1
         else:
             counts["sure as sorted"] += 1

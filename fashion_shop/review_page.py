@@ -16,6 +16,7 @@ from fashion_shop.sorting import (
     PAGE_NAME,
     THUMBNAILS,
     UNSURE,
+    in_unsure,
     match,
     outside_classes,
     outside_line,
@@ -73,10 +74,6 @@ def entries(rows, files):
     return sorted(found, key=order)
 
 
-def is_unsure(rel):
-    return UNSURE in Path(rel).parts[1:-1]
-
-
 class Overview(NamedTuple):
     """A sorted folder as it is now, as the page and predict's summary tell it."""
 
@@ -113,14 +110,14 @@ def overview(folder, rows, models):
     )
     expected = None
     if answered and not not_calibrated:
-        sure = sum(row.probability for rel, row in answered if not is_unsure(rel))
-        checked = sum(is_unsure(rel) for rel, _ in answered)
+        sure = sum(row.probability for rel, row in answered if not in_unsure(rel))
+        checked = sum(in_unsure(rel) for rel, _ in answered)
         as_sorted = sum(row.probability for _, row in answered)
         expected = (as_sorted / len(answered), (checked + sure) / len(answered))
     return Overview(
         photos,
         away,
-        sum(is_unsure(rel) for _, rel, _ in photos),
+        sum(in_unsure(rel) for _, rel, _ in photos),
         sum(is_corrected(label, row) for label, _, row in photos),
         not_calibrated,
         expected,
@@ -214,7 +211,7 @@ def photo_html(folder, label, rel, row):
     predict's class and probability, and the runner-up."""
     thumbnail = Path(THUMBNAILS, thumbnail_name(row.path)) if row else None
     source = thumbnail if thumbnail and (folder / thumbnail).is_file() else rel
-    unsure = UNSURE in Path(rel).parts[1:-1]
+    unsure = in_unsure(rel)
     corrected = is_corrected(label, row)
     if row is None:
         caption, probability = "put here by a person", ""
@@ -286,7 +283,7 @@ def write_page(folder, view, unsure_below):
     count_rows, sections = [], []
     for label, name in enumerate(CLASS_NAMES):
         mine = [(rel, row) for index, rel, row in view.photos if index == label]
-        unsure = sum(is_unsure(rel) for rel, _ in mine)
+        unsure = sum(in_unsure(rel) for rel, _ in mine)
         anchor = f"class-{label}"
         count_rows.append(
             f'<tr data-class="{html.escape(name)}" data-count="{len(mine)}"><td>'

@@ -43,6 +43,11 @@ NO_LINKS_HERE = {errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errn
 NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
+def in_unsure(rel):
+    """Whether a photo, by its path relative to the sorted folder, is in a class's unsure/."""
+    return UNSURE in Path(rel).parts[1:-1]
+
+
 def open_folder(folder):
     """The --sort-into folder, made if need be; refused in one line if it cannot be."""
     if folder.exists() and not folder.is_dir():
