@@ -193,6 +193,8 @@ def refuse_swapped(parser, args, extra):
         model, args.photos = args.photos[-1], args.photos[:-1]
     if model is not None and (args.model is None or not looks_like_a_model(args.model)):
         parser.error(f"{model}: MODEL comes first, then the options: export {model} [--photos ...]")
+    if model is not None:  # never dropped in silence: each model is its own export
+        parser.error(f"{model}: a second model; export takes one MODEL at a time")
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.model is None:

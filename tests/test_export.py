@@ -419,6 +419,9 @@ def test_model_first_is_told_where_it_came_later(trained, tmp_path):
         assert result.returncode == 2 and "MODEL comes first" in result.stderr, result.stderr
         assert f"export {trained} [--photos" in result.stderr
     assert main_here("export").returncode == 2  # no MODEL at all: argparse's own line
+    for argv in (["--photos", photos, trained], [trained]):  # a second model, never dropped
+        result = main_here("export", trained, *argv)
+        assert result.returncode == 2 and "a second model" in result.stderr, result.stderr
 
 
 # The accuracy on given photos: only those the model was not tuned on.
