@@ -59,7 +59,7 @@ CLASS_NAMES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 
-COMMANDS = ["predict", "finetune", "export"]  # the shop's tools, in fashion_shop/
+COMMANDS = ["predict", "finetune", "export", "review"]  # the shop's tools, in fashion_shop/
 
 # The four official files: size in bytes and md5 of the .gz as published by Zalando.
 OFFICIAL_FILES = {
