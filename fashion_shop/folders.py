@@ -36,6 +36,15 @@ def folder_class(name):
     return FOLDER_CLASSES.get(class_key(name))
 
 
+def class_folder_in(folder, label):
+    """The subfolder of folder that holds class label's photos: the first whose name means it
+    (one a person named, "coats" say), else class_folder's name for it (made by the move)."""
+    for sub in sorted(folder.iterdir()):
+        if not sub.name.startswith(".") and sub.is_dir() and folder_class(sub.name) == label:
+            return sub
+    return folder / class_folder(CLASS_NAMES[label])
+
+
 # What predict --sort-into writes beside the class folders it fills.
 CSV_NAME, PAGE_NAME = "predictions.csv", "index.html"
 CATALOGUE_FILES = {CSV_NAME, PAGE_NAME}

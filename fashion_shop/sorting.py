@@ -20,6 +20,7 @@ from fashion_shop.folders import (
     CSV_NAME,  # noqa: F401 (DIR's CSV, named for predict)
     PAGE_NAME,
     class_folder,
+    class_folder_in,
     folder_class,
     names_no_class,
 )
@@ -46,6 +47,12 @@ NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.
 def in_unsure(rel):
     """Whether a photo, by its path relative to the sorted folder, is in a class's unsure/."""
     return UNSURE in Path(rel).parts[1:-1]
+
+
+def checked_place(folder, rel, label):
+    """Where a person's check puts the photo at rel: class label's folder (out of unsure/),
+    under the photo's own name, by which match() finds a moved photo; relative to folder."""
+    return (class_folder_in(folder, label) / Path(rel).name).relative_to(folder)
 
 
 def open_folder(folder):
