@@ -29,31 +29,33 @@ class PhotoError(Exception):
     """A photo that cannot be prepared: the message names it and says why, in one line."""
 
 
+def images_under(folder):
+    """Every PNG and JPEG under a folder, as found (unsorted)."""
+    return (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def find_images(paths):
     """The images named, each folder replaced by every PNG and JPEG under it, sorted, each image
     once; a folder with none stays, to be reported."""
     found = []
     for path in paths:
-        inside = []
-        if path.is_dir():
-            inside = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            )
+        inside = sorted(images_under(path)) if path.is_dir() else []
         found += inside or [path]
     return list(dict.fromkeys(found))  # a folder given inside another: its photos once
 
 
-def open_picture(path, fit=None):
+def open_picture(path, fit=None, source=None):
     """A PNG or JPEG as an upright RGB image (EXIF rotation honoured), or one clear error.
     With fit, it is shrunk to fit in fit x fit pixels as it is decoded (a JPEG at 1/2, 1/4 or
-    1/8 of its size almost for free), so a large photo is never copied at full size."""
-    if path.is_dir():
+    1/8 of its size almost for free), so a large photo is never copied at full size. source:
+    the photo's bytes as a file, for a path that is no local file (gs://...), named by path."""
+    if source is None and path.is_dir():
         raise PhotoError(f"{path}: a folder with no PNG or JPEG images in it")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat any bomb as an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if source is None else source) as image:
                 if image.format not in ("PNG", "JPEG"):
                     raise PhotoError(f"{path}: a {image.format} image, expected PNG or JPEG")
                 picture = image
@@ -325,22 +327,30 @@ def save_thumbnail(picture, path):
         small.save(partial, "JPEG", quality=80)
 
 
+def prepare_photo(path, photos, source=None):
+    """(the photo decoded to fit, its image prepared as `photos` names, None), or (None, None,
+    the reason it cannot be): predict's preparation of one photo, wherever it runs (here, or
+    on a Beam worker, where source holds the bytes of a photo in cloud storage)."""
+    try:
+        picture = open_picture(path, fit=DECODED, source=source)
+        return picture, PREPARATIONS[photos](path, picture=picture), None
+    except PhotoError as error:
+        return None, None, str(error)
+
+
 def prepare_chunk(paths, photos, thumbnails=None):
     """(image, None) or (None, the reason) for each path, prepared as `photos` names; with
     thumbnails, a folder, each photo's thumbnail written there from the same decoded picture."""
     prepared = []
     for path in paths:
-        try:
-            picture = open_picture(path, fit=DECODED)
-            prepared.append((PREPARATIONS[photos](path, picture=picture), None))
-            if thumbnails:
-                try:
-                    save_thumbnail(picture, thumbnails / thumbnail_name(path))
-                except OSError as error:  # the page shows the photo itself instead
-                    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-        except PhotoError as error:
-            prepared.append((None, str(error)))
+        picture, image, error = prepare_photo(path, photos)
+        if thumbnails and picture is not None:
+            try:
+                save_thumbnail(picture, thumbnails / thumbnail_name(path))
+            except OSError as failure:  # the page shows the photo itself instead
+                if failure.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+        prepared.append((image, error))
     return prepared
 
 

@@ -43,6 +43,12 @@ PREPARE_CHUNK = 8  # photos per task sent to a preparing process: fewer, cheaper
 BATCHES_AHEAD = 16  # prepared or being prepared: at 784 bytes a photo, the window costs nothing
 
 
+def location(text):
+    """A path on this machine, or a URL as given (gs://..., s3://...: only --runner reads
+    those, through Beam's file systems)."""
+    return text if "://" in text else Path(text)
+
+
 def parse_predict_args(argv):
     parser = ArgumentParser(
         prog="fashion_mnist_cnn.py predict",
@@ -52,7 +58,7 @@ def parse_predict_args(argv):
     )
     parser.add_argument(
         "model",
-        type=Path,
+        type=location,
         help="a model.keras written by a run (for real product photos, train it with --arch "
         "improved --augment: about 67%% of them right, against the default run's 57%%; a "
         "model from finetune --backbone mobilenet_v2 on 10 / 40 labelled photos a class: 81%% "
@@ -60,15 +66,16 @@ def parse_predict_args(argv):
     )
     parser.add_argument(
         "paths",
-        type=Path,
+        type=location,
         nargs="+",
         metavar="path",
-        help="PNG or JPEG files, and folders: every PNG and JPEG under them, in sorted order",
+        help="PNG or JPEG files, and folders: every PNG and JPEG under them, in sorted order; "
+        "with --runner, also gs:// or s3:// files, folders (ending in /) and patterns (*.jpg)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument(
         "--csv",
-        type=Path,
+        type=location,
         metavar="FILE",
         help="write one row per image to FILE as they are done (replacing FILE if predict "
         "wrote it; any other file is left alone), and print a summary instead of a line per image",
@@ -114,7 +121,22 @@ def parse_predict_args(argv):
         help="with --sort-into: classify the photos sorted already again, moving those still "
         "where predict put them (never those a person moved)",
     )
-    args = parser.parse_args(argv)
+    beam = parser.add_argument_group("a catalogue past one machine: Apache Beam")
+    beam.add_argument(
+        "--runner",
+        metavar="RUNNER",
+        help="classify as an Apache Beam pipeline (pip install -r requirements-beam.txt), the "
+        "same rows as without it: DirectRunner here, writing --csv FILE whole; DataflowRunner, "
+        "FlinkRunner or SparkRunner on a cluster, writing FILE-00000-of-000NN shards. Beam's "
+        "own options follow predict's (--project=..., --temp_location=...)",
+    )
+    args, args.beam_options = parser.parse_known_args(argv)
+    if args.beam_options and not args.runner:
+        parser.error(f"unrecognized arguments: {' '.join(args.beam_options)}")
+    if args.runner and not args.csv:
+        parser.error("--runner writes its rows to --csv FILE: give the FILE")
+    if args.runner and (args.json or args.resume or args.sort_into):
+        parser.error("--json, --resume and --sort-into work on this machine: leave out --runner")
     if args.resume and not (args.csv or args.sort_into):
         parser.error("--resume continues a --csv FILE: give the FILE")
     if (args.unsure is not None or args.reclassify or args.link) and not args.sort_into:
@@ -369,12 +391,34 @@ def finish_sorting(state, outcome, model_path):
     print(f"Sorted into {state.sort_into}/: {counts}; {told}; review page {page}", file=out)
 
 
+def on_beam(args):
+    """--runner: the pipeline of fashion_shop/beam.py, where Apache Beam is installed."""
+    try:
+        from fashion_shop import beam
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("apache_beam"):
+            raise
+        raise UserError(
+            "--runner needs Apache Beam, which is not installed: pip install -r "
+            "requirements-beam.txt"
+        ) from None
+    return beam.main(args)
+
+
 def main(argv):
     """model and outputs checked -> photos prepared on every core while TensorFlow loads ->
     classified a batch at a time -> rows written (and photos sorted) and progress shown as they
     are done -> a summary."""
     args = parse_predict_args(argv)
+    if args.runner:
+        return on_beam(args)
     start = time.perf_counter()
+    for given in [args.model, *args.paths, args.csv]:
+        if isinstance(given, str):  # a URL
+            raise UserError(
+                f"{given}: predict reads and writes this machine's files; add --runner to "
+                "reach cloud storage through Apache Beam"
+            )
     check_model_file(args.model, args.paths)
     paths = photos.find_images(args.paths)
     if args.sort_into:  # a catalogue's photos by their full paths, never the catalogue's own
