@@ -9,7 +9,11 @@ the folders as they are then are counted. Pooled over the folds it prints the sh
 unsure, the share of the mistakes among them, the catalogue right as sorted, after checking
 the unsure photos and after checking the least sure 10/20/30% (from the CSV's probabilities),
 and the --unsure threshold cross-validated: for each fold, the largest P whose marked share on
-the other folds stays within 25%, and what it gives on this fold.
+the other folds stays within 25%, and what it gives on this fold. With --browser the "person"
+checks the unsure folders through `review DIR` in headless Chromium instead, a key a photo
+(Enter where the class proposed is right, else the right class's digit): it prints the keys
+per photo, the server's time per decision (p50, p99) and the share right in the folders after
+checking, which must equal the share from moving the files.
 
 Then the whole loop (--seeds): each seed splits the labelled photos, class by class, into a
 catalogue (40%), photos the shop tuned on before (40%) and new photos (20%), then runs the
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import fashion_mnist_cnn as fm  # noqa: E402
-from fashion_shop import folders, sorting  # noqa: E402
+from fashion_shop import folders, review, sorting  # noqa: E402
 
 GRID = [0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
@@ -99,6 +104,64 @@ def check_as_a_person(folder, truth_by_name):
             shutil.move(folder / rel, right / rel.name)
 
 
+def browser():
+    """Headless Chromium driven by selenium, through Debian's chromium-driver."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def wait_for(check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            sys.exit("the review page did not answer in time")
+        time.sleep(0.01)
+
+
+def check_in_the_browser(folder, truth_by_name, driver, screenshot=None):
+    """As check_as_a_person, through review's page: for each photo shown, one key (Enter where
+    the class proposed is right, else the right class's digit). Returns (keys, of them Enter,
+    photos, the server's seconds per decision). screenshot: a PNG of the page taken there at
+    the third photo."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    opened = review.open_review(
+        argparse.Namespace(folder=folder, queue=None, port=0, no_browser=True)
+    )
+    server, token = review.serve(opened, 0)
+    try:
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/?token={token}")
+        wait_for(lambda: driver.find_element("tag name", "body").get_attribute("data-ready"))
+        keys = enters = 0
+        done = driver.find_element("id", "done")
+        photo = driver.find_element("id", "photo")
+        while not done.is_displayed():
+            if screenshot and keys == 2:
+                wait_for(lambda: driver.find_element("id", "pending").text == "0")
+                driver.save_screenshot(screenshot)
+            shown, proposed = (
+                photo.get_attribute("data-photo"),
+                photo.get_attribute("data-proposed"),
+            )
+            truth = truth_by_name[Path(shown).name]
+            key = Keys.ENTER if truth == proposed else str(fm.CLASS_NAMES.index(truth))
+            ActionChains(driver).send_keys(key).perform()
+            keys, enters = keys + 1, enters + (key == Keys.ENTER)
+        saved = driver.find_element("id", "saved")
+        wait_for(lambda: saved.text == str(len(opened.items)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    return keys, enters, len(opened.items), opened.seconds
+
+
 def right_in_folders(folder, truth_by_name):
     """The share of the sorted photos whose class folder is now their true class."""
     now = sorting.scan(folder)
@@ -150,8 +213,9 @@ def tune_and_sort(work, model, unsure):
         return list(csv.DictReader(file))
 
 
-def sort_one_fold(folds, held, work, unsure):
-    """Fold held sorted by a model tuned on the other folds, its unsure folders checked."""
+def sort_one_fold(folds, held, work, unsure, driver=None, screenshot=None):
+    """Fold held sorted by a model tuned on the other folds, its unsure folders checked (by
+    moving files, or with driver through review's page)."""
     parts = link(
         {
             "catalogue": folds[held],
@@ -163,12 +227,20 @@ def sort_one_fold(folds, held, work, unsure):
     sorted_into = work / "sorted"
     truth = parts["catalogue"]
     by_name = {Path(p).name: c for p, c in truth.items()}
-    check_as_a_person(sorted_into, by_name)
+    browsed = {}
+    if driver:
+        keys, enters, photos, seconds = check_in_the_browser(
+            sorted_into, by_name, driver, screenshot
+        )
+        browsed = {"keys": keys, "enters": enters, "checked": photos, "seconds": seconds}
+    else:
+        check_as_a_person(sorted_into, by_name)
     probabilities = np.array([float(row["probability"]) for row in rows])
     right = np.array([truth[row["path"]] == row["class"] for row in rows])
     return {
         "curve": [(float(p), bool(r)) for p, r in zip(probabilities, right)],
         "right in the folders after checking": right_in_folders(sorted_into, by_name),
+        **browsed,
     }
 
 
@@ -185,15 +257,32 @@ def cross_validated(results):
     return chosen
 
 
-def cross_validated_sorting(photos, k, unsure, seed):
+def browsed_summary(results):
+    """--browser: the keys per photo, the server's time per decision, and the share right in
+    the folders after checking through the page, pooled over the folds."""
+    keys = sum(r["keys"] for r in results)
+    checked = sum(r["checked"] for r in results)
+    seconds = np.array([s for r in results for s in r["seconds"]]) * 1000
+    photos = sum(len(r["curve"]) for r in results)
+    right = sum(r["right in the folders after checking"] * len(r["curve"]) for r in results)
+    print(f"| checked through the browser | {checked} photos, {keys / checked:.2f} keys a photo "
+          f"(Enter for {sum(r['enters'] for r in results) / keys:.1%}) |")  # fmt: skip
+    print(f"| the server's time per decision | p50 {np.percentile(seconds, 50):.2f} ms, p99 "
+          f"{np.percentile(seconds, 99):.2f} ms ({len(seconds)} decisions) |")  # fmt: skip
+    print(f"| right in the folders after checking through the browser | {right / photos:.1%} |")
+
+
+def cross_validated_sorting(photos, k, unsure, seed, driver=None, screenshot=None):
     """--folds: every photo sorted once by a model that never saw it; pooled and per fold."""
     folds = folds_of(photos, k, seed)
     results = []
     for held in range(k):
         with tempfile.TemporaryDirectory() as work:
-            results.append(sort_one_fold(folds, held, Path(work), unsure))
+            shot = screenshot if held == seed == 0 else None
+            results.append(sort_one_fold(folds, held, Path(work), unsure, driver, shot))
         shown = {**summary(results[-1]["curve"], unsure), **results[-1]}
-        del shown["curve"]
+        for key in ("curve", "keys", "enters", "checked", "seconds"):
+            shown.pop(key, None)
         figures = ", ".join(f"{key} {value:.3f}" for key, value in shown.items())
         print(f"fold {held} ({len(folds[held])} photos): {figures}", flush=True)
     pooled = [point for result in results for point in result["curve"]]
@@ -201,6 +290,8 @@ def cross_validated_sorting(photos, k, unsure, seed):
           f"(folds dealt by seed {seed}), --unsure {unsure}:")  # fmt: skip
     for key, value in summary(pooled, unsure).items():
         print(f"| {key} | {value:.1%} |")
+    if driver:
+        browsed_summary(results)
     for p in GRID:
         shown = summary(pooled, p)
         print(f"  --unsure {p}: marked {shown['marked']:.1%}, mistakes marked "
@@ -310,6 +401,17 @@ def main():
     parser.add_argument("--seeds", type=int, default=3, help="0: no loop of 40/40/20 splits")
     parser.add_argument("--unsure", type=float, default=sorting.UNSURE_BELOW)
     parser.add_argument(
+        "--browser",
+        action="store_true",
+        help="the folds' unsure photos checked through review's page in headless Chromium "
+        "(Debian's chromium and chromium-driver, and selenium), a key a photo",
+    )
+    parser.add_argument(
+        "--screenshot",
+        type=Path,
+        help="with --browser: a PNG of the review page at the first fold's third photo",
+    )
+    parser.add_argument(
         "--unchecked",
         action="store_true",
         help="the seeds' loop: an unchecked catalogue's unsure photos left out or tuned on",
@@ -318,15 +420,18 @@ def main():
     if args.folds == 1:
         parser.error("--folds: 0, or at least 2 (one fold has no others to tune on)")
     photos = folders.find_labelled_photos(args.photos)
+    driver = browser() if args.browser else None
     if args.folds:
         pooled = [
-            cross_validated_sorting(photos, args.folds, args.unsure, seed)
+            cross_validated_sorting(photos, args.folds, args.unsure, seed, driver, args.screenshot)
             for seed in range(args.repeats)
         ]
         if args.repeats > 1:
             mean_and_range(
                 pooled, f"pooled over the folds, mean (lowest-highest) of {args.repeats}"
             )
+    if driver:
+        driver.quit()
     if not args.seeds:
         return
     if args.unchecked:

@@ -109,6 +109,7 @@ function show() {
   if (photo.dataset.index !== String(item.index)) photo.src = photoUrl(item);
   photo.dataset.index = item.index;
   photo.dataset.photo = item.photo;
+  photo.dataset.proposed = item.proposed;
   photo.alt = item.photo;
   photo.className = item.pending ? "pending" : item.saved ? "saved" : item.refusal ? "refused" : "";
   const folder = item.now.split("/").slice(0, -1).join("/");

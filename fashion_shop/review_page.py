@@ -236,7 +236,9 @@ def summary_html(folder, view, unsure_below):
     """The paragraph above the figure: what to check, and what is promised of it."""
     fix = (
         f"Move a photo that is wrong into the right class folder, one that is right out of "
-        f"<code>{UNSURE}</code>; then run the same predict command again to refresh this page. "
+        f"<code>{UNSURE}</code>, or check them a key a photo in the browser: <code>python "
+        f"fashion_mnist_cnn.py review {shown(folder)}</code>; then run the same predict command "
+        "again to refresh this page. "
         f'<span id="corrected">{view.corrected:,}</span> corrected by a person so far.'
     )
     if view.not_calibrated:

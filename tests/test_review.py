@@ -252,6 +252,10 @@ def test_hostile_requests_are_refused_in_one_line_and_nothing_on_disk_changes(ca
         assert ask(port, "GET", f"/?token={token}")[0] == 200  # the server still answers
 
 
+def test_the_static_page_names_the_review_command(catalogue):
+    assert f"fashion_mnist_cnn.py review {catalogue}" in (catalogue / "index.html").read_text()
+
+
 def test_the_page_and_the_photos_need_the_token_and_say_so(catalogue):
     with serving(catalogue) as (opened, port, token):
         status, page = ask(port, "GET", f"/?token={token}")
