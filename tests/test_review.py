@@ -184,6 +184,30 @@ def test_a_move_onto_a_file_or_from_where_the_photo_no_longer_is_is_refused(cata
         assert every_file(catalogue) == before
 
 
+# What the refusals say, where an earlier check must not be left to a later one.
+REFUSED_FOR = {
+    "no token": "token",
+    "a wrong token": "token",
+    "the page without its token": "token",
+    "a foreign Origin": "requests from http://evil.example are refused",
+    "another port's Origin": "requests from http://127.0.0.1:1 are refused",
+    "DNS rebinding": "wrong Host",
+    "DNS rebinding, the page": "wrong Host",
+    "no Host": "wrong Host",
+    "a huge body": f"at most {MAX_BODY} bytes",
+    "malformed JSON": "not JSON",
+    "not JSON": "send JSON",
+    "an unknown class": "no such class",
+    "traversal": "not a path inside the folder",
+    "traversal in the class folder": "not a path inside the folder",
+    "an absolute path": "not a path inside the folder",
+    "a link leading out": "leads out of the folder",
+    "a photo not in the queue": "no such photo in the queue",
+    "a photo elsewhere than the page thought": "no longer there",
+    "a photo whose file leads out": "leads out of the folder",
+}
+
+
 def hostile_requests(port, token):
     """(what, method, path, body, headers, host): each must be refused."""
     good = {"photo": "Coat/unsure/c1.png", "from": "Coat/unsure/c1.png", "class": "Pullover"}
@@ -247,6 +271,7 @@ def test_hostile_requests_are_refused_in_one_line_and_nothing_on_disk_changes(ca
             status, answer = ask(port, method, path, body, headers, host)
             assert 400 <= status < 500, (what, status, answer)
             assert isinstance(answer, dict) and "\n" not in answer["error"], what
+            assert REFUSED_FOR.get(what, "") in answer["error"], (what, answer)
             assert b"secret" not in json.dumps(answer).encode(), what
         assert every_file(catalogue) == before and every_file(outside) == outside_before
         assert ask(port, "GET", f"/?token={token}")[0] == 200  # the server still answers
