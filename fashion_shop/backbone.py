@@ -168,3 +168,9 @@ def calibrate(head, temperature):
     dense = head.layers[-1]
     kernel, bias = dense.get_weights()
     dense.set_weights([kernel / temperature, bias / temperature])
+
+
+def joined_features(first, second):
+    """Two photo_features results as one: the photos of both, then the mirror images of both."""
+    a, b = len(first) // 2, len(second) // 2
+    return np.concatenate([first[:a], second[:b], first[a:], second[b:]])

@@ -40,10 +40,12 @@ from fashion_shop.backbone import (
     build_transfer_model,
     calibrate,
     feature_batches,
+    joined_features,
     out_of_fold_logits,
     photo_features,
 )
 from fashion_shop.catalogue import read_rows_done
+from fashion_shop.doubts import DOUBTFUL_NAME, write_doubtful
 from fashion_shop.folders import each_class_shuffled, find_labelled_photos, prepare_photos
 from fashion_shop.models import (
     CALIBRATED,
@@ -229,13 +231,14 @@ def photo_batches(images, labels, seed, epoch):
 def calibrated_temperature(head, features, labels, args):
     """Make the new layer's probabilities say how often it is right, so that predict's unsure
     marks and the review page's figure can be trusted: the temperature found by
-    cross-validation on the tuned photos; None, and said, where they are too few."""
+    cross-validation on the tuned photos, and their out-of-fold scores; (None, None), and said,
+    where they are too few (then no photo is doubted either)."""
     if len(labels) < MIN_CALIBRATED:
         print(
-            f"Probabilities left as trained: {len(labels)} photos are too few to calibrate "
-            f"them on ({MIN_CALIBRATED} or more)"
+            f"Probabilities left as trained, no doubtful.csv: {len(labels)} photos are too "
+            f"few to calibrate them on ({MIN_CALIBRATED} or more)"
         )
-        return None
+        return None, None
     logits = out_of_fold_logits(features, labels, args.seed, args.epochs, args.learning_rate)
     temperature = best_temperature(logits, labels)
     calibrate(head, temperature)
@@ -243,7 +246,34 @@ def calibrated_temperature(head, features, labels, args):
         f"Probabilities calibrated: temperature {temperature:.2f}, found by cross-validation "
         "on the tuned photos"
     )
-    return temperature
+    return temperature, logits
+
+
+def out_of_fold_scores(model, images, labels, tuned, held_out, args):
+    """Every photo's scores from a new layer that never learned it, so that every photo of the
+    folder can be doubted: tuned holds the tuned photos' (indices, features, calibration's
+    out-of-fold scores); with photos held out, folds over all photos anew."""
+    tune, features, scores = tuned
+    if not len(held_out):
+        return scores  # tune is every photo, in order
+    order = np.concatenate([tune, held_out])
+    features = joined_features(features, photo_features(model, images[held_out]))
+    scores = out_of_fold_logits(features, labels[order], args.seed, args.epochs, args.learning_rate)
+    return scores[np.argsort(order)]
+
+
+def list_doubtful(run, folder, photos, probabilities):
+    """doubtful.csv in the run folder, said in a line with the command that checks it; none (an
+    earlier run's removed) without probabilities. The number of photos listed, or None."""
+    path = run.out_dir / DOUBTFUL_NAME
+    if probabilities is None:
+        path.unlink(missing_ok=True)
+        return None
+    count = write_doubtful(path, folder, photos, probabilities)
+    photos_doubted = f"{count} photo{'s' * (count != 1)}" if count else "No photos"
+    check = f" (check them: review {folder} --queue {path})" if count else " lists none"
+    print(f"{photos_doubted} whose folder the model doubts: {path}{check}")
+    return count
 
 
 def refuse_a_backbone_model(path, kind):
@@ -288,7 +318,7 @@ def labelled_photos(args):
 def main(argv):
     """MODEL checked -> photos (unchecked guesses left out) -> hold-out -> model (yours, or an
     ImageNet network with a new last layer) -> accuracy before -> fine-tune -> calibrate
-    (--backbone) -> accuracy after -> save."""
+    (--backbone) -> accuracy after -> photos probably in the wrong folder (--backbone) -> save."""
     args = parse_finetune_args(argv)
     refuse_swapped(args)
     if args.model:  # what its file says, before the photos are prepared or TensorFlow loads
@@ -341,9 +371,9 @@ def main(argv):
     else:
         epoch_data = functools.partial(photo_batches, images[tune], labels[tune], args.seed)
     progress, stop_signal = train_run(learner, run, epoch_data, None, args.epochs)
-    temperature = None
+    temperature = probabilities = None
     if args.backbone and stop_signal is None:
-        temperature = calibrated_temperature(learner, features, labels[tune], args)
+        temperature, scores = calibrated_temperature(learner, features, labels[tune], args)
     if not args.backbone:  # so that predict, and "after", show it photos as it was tuned on
         model.name = TUNED_NAME
     elif temperature is not None:  # so that predict trusts its probabilities
@@ -354,6 +384,10 @@ def main(argv):
         save_figure(plot_confusion_matrix(after["confusion"]), run.out_dir / "confusion_matrix.png")
     else:
         print("No photos held out (--holdout 0): nothing measured")
+    if temperature is not None:  # as the calibrated model sees photos it never learned
+        scores = out_of_fold_scores(model, images, labels, (tune, features, scores), held_out, args)
+        probabilities = np.asarray(keras.ops.softmax(scores / temperature), np.float64)
+    doubtful = list_doubtful(run, args.folder, photos, probabilities)
     counted = np.bincount(labels, minlength=10)
     results = {
         "before": accuracy_report(before),
@@ -367,6 +401,7 @@ def main(argv):
         # only the others.
         "tuned_photos": sorted(fingerprint(image)[:16] for image in images[tune]),
         "temperature": temperature,
+        "doubtful": doubtful,  # photos listed in doubtful.csv (None: no list)
     }
     if counts is not None:
         results["checked_by_a_person"] = counts["checked"]
@@ -374,5 +409,5 @@ def main(argv):
         results["sure_as_sorted"] = counts["sure as sorted"]
     details = {"config": vars(args) | {"keras": keras.__version__}}
     figure = ", history.csv and confusion_matrix.png" if after else " and history.csv"
-    saved = f"model.keras, metrics.json{figure}"
+    saved = f"model.keras, metrics.json{', doubtful.csv' * (doubtful is not None)}{figure}"
     return finish_run(run, model, progress, stop_signal, results, details, saved)
