@@ -11,10 +11,12 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import assert_clean_failure, start_program, wait_for_line
+from conftest import ROOT, assert_clean_failure, start_program, wait_for_line
 from PIL import Image
 
 from fashion_shop import finetune, review, review_page, sorting
@@ -391,6 +393,16 @@ def test_bad_input_is_one_line(tmp_path, run_main, catalogue):
         assert_clean_failure(result, f"--port {port}: taken by another program")
 
 
+def test_help_comes_at_once_and_review_never_loads_tensorflow(run_main):
+    result = run_main("review", "--help")
+    assert result.returncode == 0 and "--queue" in result.stdout
+    check = (
+        "import sys, fashion_shop.review; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert loaded.stdout == "[]\n", loaded.stderr
+
+
 def test_nothing_to_check_says_so(tmp_path, run_main):
     folder = write_catalogue(tmp_path / "sorted", SORTED[4:])
     result = run_main("review", folder, "--no-browser")
@@ -501,4 +513,5 @@ def test_in_the_browser_a_refused_move_is_shown_and_the_photo_stays_undecided(ca
         wait_for(lambda: browser.find_element("id", "refused").text == "1")
         assert "no longer there" in browser.find_element("id", "messages").text
         assert browser.find_element("id", "left").text == "4"
+        assert browser.find_element("id", "saved").text == "0"  # never marked done
         assert not (catalogue / "Sandal").exists()
