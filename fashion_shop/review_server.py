@@ -124,7 +124,7 @@ class Review:
             raise Refused(
                 409,
                 f"{rel} is no longer there (moved or removed meanwhile, in another tab or by "
-                "hand): nothing moved",
+                "hand): nothing moved; reload the page to see where things are now",
             )
         return path
 
