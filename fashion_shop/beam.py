@@ -15,8 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def beam_about_itself(record):
     """Beam's warnings on its root logger say what it cannot do for itself, not for predict:
@@ -43,13 +41,8 @@ from fashion_mnist_cnn import (  # noqa: E402
     start_tensorflow_quietly,
 )
 from fashion_shop import catalogue, photos  # noqa: E402
-from fashion_shop.models import (  # noqa: E402
-    check_model_file,
-    class_probabilities,
-    kind_of,
-    load_trained_model,
-)
-from fashion_shop.predict import PREDICT_BATCH, top_three  # noqa: E402
+from fashion_shop.models import check_model_file, kind_of, load_trained_model  # noqa: E402
+from fashion_shop.predict import PREDICT_BATCH, batch_probabilities, top_three  # noqa: E402
 
 COUNTERS = "fashion_shop"  # the namespace of the photos counted on the workers
 GLOB = "*?["  # a URL with one of these is a pattern of Beam's file systems
@@ -158,12 +151,14 @@ def prepare(photo_at_place, preparation):
 class PhotoModelHandler(ModelHandler):
     """A model file of ours for RunInference: loaded on each worker as predict loads it (its
     kind checked, float32 where bf16 is not native), answering a batch of prepared photos as
-    predict does (a mirrored model: each photo and its mirror image, averaged). Beam's own
+    predict does (a mirrored model: each photo and its mirror image, averaged; a batch asked
+    as PREDICT_BATCH photos). Beam's own
     TFModelHandlerNumpy cannot: it imports tensorflow_hub (which brings Keras 2) and calls the
     model as it is."""
 
     def __init__(self, location):
-        super().__init__(max_batch_size=PREDICT_BATCH)
+        # Whole batches: each is asked of the model as PREDICT_BATCH photos whatever its size.
+        super().__init__(min_batch_size=PREDICT_BATCH, max_batch_size=PREDICT_BATCH)
         self.location = location
 
     def load_model(self):
@@ -173,7 +168,7 @@ class PhotoModelHandler(ModelHandler):
             return load_trained_model(file_here(self.location, folder))
 
     def run_inference(self, batch, model, inference_args=None):
-        return class_probabilities(model, np.stack(batch))
+        return batch_probabilities(model, batch)
 
     def get_num_bytes(self, batch):
         return sum(image.nbytes for image in batch)  # Beam's default pickles the batch

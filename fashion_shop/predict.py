@@ -195,12 +195,27 @@ def top_three(probabilities):
     return [{"class": CLASS_NAMES[i], "probability": float(probabilities[i])} for i in top]
 
 
+def batch_probabilities(model, images):
+    """The class probabilities of prepared photos, asked of the model PREDICT_BATCH at a time,
+    a batch cut short filled up with blank images: TensorFlow's kernels round differently at
+    other batch sizes, so this way a photo gets the same answer in whatever batch it comes
+    (predict's, after --resume, or RunInference's on Beam)."""
+    images = np.stack(images)
+    answers = []
+    for start in range(0, len(images), PREDICT_BATCH):
+        batch = images[start : start + PREDICT_BATCH]
+        filled = np.zeros((PREDICT_BATCH, *batch.shape[1:]), batch.dtype)
+        filled[: len(batch)] = batch
+        answers.append(class_probabilities(model, filled)[: len(batch)])
+    return np.concatenate(answers)
+
+
 def classify_batches(model, prepared):
     """(path, image, error) -> lists of results, a batch at a time: {"image", "top3"} for each
     photo, {"image", "error"} for each that could not be read."""
     while batch := list(itertools.islice(prepared, PREDICT_BATCH)):
         images = [image for _, image, error in batch if error is None]
-        probabilities = iter(class_probabilities(model, np.stack(images)) if images else [])
+        probabilities = iter(batch_probabilities(model, images) if images else [])
         yield [
             {"image": str(path), "error": error}
             if error
