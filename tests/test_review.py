@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import ROOT, assert_clean_failure, start_program, wait_for_line
 from PIL import Image
@@ -339,6 +340,30 @@ def test_a_list_of_doubtful_photos_is_checked_in_its_order_and_its_decisions_kep
         ("coats/d.png", False),
     ]
     assert review.record_path(listed).parent == listed.parent
+
+
+def test_finetunes_own_doubtful_csv_is_read_as_its_queue(tmp_path):
+    """The list as finetune --backbone writes it (doubts.write_doubtful), read by --queue."""
+    from fashion_shop import doubts
+
+    folder = tmp_path / "labelled"
+    for name in ("Coat/a.png", "Coat/b.png", "Coat/c.png", "Pullover/d.png", "Pullover/e.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / name)
+    photos = [(path, 4 if path.parent.name == "Coat" else 2) for path in
+              sorted(folder.rglob("*.png"))]  # fmt: skip
+    probabilities = np.full((5, 10), 0.01)
+    probabilities[:, 4] = [0.9, 0.9, 0.05, 0.1, 0.1]  # c.png: the model says Pullover
+    probabilities[:, 2] = [0.02, 0.02, 0.87, 0.82, 0.82]
+    listed = tmp_path / "run" / doubts.DOUBTFUL_NAME
+    listed.parent.mkdir()
+    assert doubts.write_doubtful(listed, folder, photos, probabilities) == 1
+    (item,) = review.open_review(arguments(folder, listed)).items
+    assert item.shown(0) == {
+        "index": 0, "photo": "Coat/c.png", "now": "Coat/c.png", "folder": "Coat",
+        "folder_class": "Coat", "proposed": "Pullover",
+        "answers": [["Pullover", 0.87], ["Coat", 0.05]], "decided": False,
+    }  # fmt: skip
 
 
 def test_a_stop_between_the_record_and_the_move_leaves_the_photo_undecided(tmp_path):
