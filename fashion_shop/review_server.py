@@ -38,7 +38,7 @@ class Refused(Exception):
     """A request refused: its status (4xx) and a one-line reason; nothing was changed."""
 
     def __init__(self, status, reason):
-        super().__init__(reason)
+        super().__init__("".join(c if c.isprintable() else "?" for c in reason))  # one line
         self.status = status
 
 
@@ -108,7 +108,11 @@ class Review:
         if PurePosixPath(rel).is_absolute() or ".." in parts:
             raise Refused(400, f"{rel[:200]}: not a path inside the folder")
         path = self.root.joinpath(*parts)
-        if not path.resolve().is_relative_to(self.root):
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # RuntimeError: links in a loop
+            raise Refused(400, f"{rel[:200]}: cannot be resolved") from None
+        if not resolved.is_relative_to(self.root):
             raise Refused(403, f"{rel[:200]}: leads out of the folder")
         in_a_class = len(parts) > 1 and not parts[0].startswith(".")
         if not in_a_class or folder_class(parts[0]) is None or not is_photo(path):

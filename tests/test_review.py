@@ -205,6 +205,8 @@ REFUSED_FOR = {
     "traversal in the class folder": "not a path inside the folder",
     "an absolute path": "not a path inside the folder",
     "a link leading out": "leads out of the folder",
+    "a new line in a path": "Coat/?x.png",
+    "links in a loop": "cannot be resolved",
     "a photo not in the queue": "no such photo in the queue",
     "a photo elsewhere than the page thought": "no longer there",
     "a photo whose file leads out": "leads out of the folder",
@@ -241,6 +243,10 @@ def hostile_requests(port, token):
          {**good, "from": "Coat/unsure/../../../outside/c1.png"}, json_headers, None),
         ("an absolute path", "POST", "/api/decide", {**good, "from": "/etc/passwd"},
          json_headers, None),
+        ("a new line in a path", "POST", "/api/decide", {**good, "from": "Coat/\nx.png"},
+         json_headers, None),
+        ("links in a loop", "POST", "/api/decide", {**good, "from": "Coat/loop/c1.png"},
+         json_headers, None),
         ("a link leading out", "POST", "/api/decide", {**good, "from": "Coat/out/c1.png"},
          json_headers, None),
         ("a photo not in the queue", "POST", "/api/decide",
@@ -264,6 +270,7 @@ def test_hostile_requests_are_refused_in_one_line_and_nothing_on_disk_changes(ca
     outside.mkdir()
     (outside / "c1.png").write_bytes(b"not the shop's")
     (catalogue / "Coat/out").symlink_to(outside, target_is_directory=True)
+    (catalogue / "Coat/loop").symlink_to(catalogue / "Coat/loop")
     with serving(catalogue) as (_, port, token):
         secret = outside / "secret.png"
         secret.write_bytes(b"secret")
