@@ -6,11 +6,13 @@ what has to be written by hand with any server (the token, the Host and Origin c
 kept inside the folder, the moves) is this file; a framework would add a dependency to save a
 few lines of parsing."""
 
+import contextlib
 import http.server
 import json
 import mimetypes
 import os
 import secrets
+import sys
 import threading
 import time
 import urllib.parse
@@ -166,8 +168,11 @@ class Review:
             if not item.decided:
                 raise Refused(409, f"{photo} is not decided (undone in another tab?)")
             self.move(source, self.free(source, item.photo))
-            self.keep(item, None)  # after: a stop before it leaves the photo undecided
             item.now, item.decided = item.photo, False
+            # After the move: a stop (or a full disk) before it leaves the record saying where
+            # the photo went, and a new start, finding it back where it was, undecided.
+            with contextlib.suppress(Refused):
+                self.keep(item, None)
             return {"now": item.photo}
 
     def free(self, source, target):
@@ -199,12 +204,15 @@ class Review:
         decided = {i.photo: i.now for i in self.items if i.decided and i is not item}
         if target is not None:
             decided[item.photo] = target
-        with atomic_path(self.record) as partial:
-            partial.write_text(
-                json.dumps({"folder": str(self.root), "decided": decided}, indent=1),
-                encoding="utf-8",
-                errors="surrogateescape",
-            )
+        try:
+            with atomic_path(self.record) as partial:
+                partial.write_text(
+                    json.dumps({"folder": str(self.root), "decided": decided}, indent=1),
+                    encoding="utf-8",
+                    errors="surrogateescape",
+                )
+        except OSError as error:
+            raise Refused(409, f"{self.record}: cannot be written ({error.strerror})") from None
 
 
 def allowed_hosts(port):
@@ -329,14 +337,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return request
 
 
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """A browser that goes away mid-answer is no error; anything else, one line."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError):
+            print(f"review: a request failed: {error!r}", file=sys.stderr)
+
+
 def start_server(review, port):
     """The server of review on 127.0.0.1:port (0: a free one), answering in a thread; returns
     (server, token). OSError where the port cannot be had."""
     handler = type(
         "ReviewHandler", (Handler,), {"review": review, "token": secrets.token_urlsafe()}
     )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
+    server = Server(("127.0.0.1", port), handler)
     # Polled every 0.1 s for a stop: a stop is answered at once, the idle cost is nothing.
     threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
     return server, handler.token
