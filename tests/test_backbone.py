@@ -5,7 +5,9 @@ photos are enough; predict takes its models; without the weights, one line.
 In this process (conftest.main_here) wherever the process itself is not under test, with this
 process's Keras cache pointed at a folder of the test's own."""
 
+import csv
 import json
+import re
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -17,8 +19,11 @@ import pytest
 from conftest import ROOT, main_here, run_program
 from photo_helpers import SHOP_PHOTOS, product_folder
 
+import fashion_mnist_cnn as fm
 from fashion_shop.backbone import BACKBONES, best_temperature, calibrate, new_head
-from fashion_shop.folders import class_folder
+from fashion_shop.doubts import DOUBTFUL_HEADER
+from fashion_shop.finetune import FINETUNE_HOLDOUT, hold_out_photos
+from fashion_shop.folders import class_folder, find_labelled_photos
 from fashion_shop.models import CALIBRATED, declared_kind
 
 KERAS_MODELS = ROOT.parent / "shared" / "keras-models"
@@ -48,6 +53,16 @@ def weights(tmp_path_factory):
         yield home
 
 
+def doubtful_rows(out):
+    """doubtful.csv's rows, its header checked: as review --queue reads it."""
+    with (out / "doubtful.csv").open(newline="") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == DOUBTFUL_HEADER
+    for row in rows[1:]:  # probabilities as predict's CSV gives them
+        assert all(re.fullmatch(r"[01]\.\d{4}", number) for number in row[3:]), row
+    return [dict(zip(DOUBTFUL_HEADER, row)) for row in rows[1:]]
+
+
 def is_calibrated(model_path):
     """Whether the model's name declares its probabilities calibrated (models.CALIBRATED)."""
     name = json.loads(zipfile.ZipFile(model_path).read("config.json"))["config"]["name"]
@@ -73,6 +88,9 @@ def test_a_new_process_calibrates_enough_photos_quietly_and_says_so_in_the_name(
     assert metrics["photos_tuned_on"] == 51 and metrics["after"] is None
     assert metrics["temperature"] is not None
     assert not (out / "confusion_matrix.png").exists()
+    # Its photos that it doubts are in their folder, listed for review.
+    assert len(doubtful_rows(out)) == metrics["doubtful"]
+    assert f"whose folder the model doubts: {out / 'doubtful.csv'}" in result.stdout
     # predict trusts its probabilities by its name alone.
     assert is_calibrated(out / "model.keras")
 
@@ -95,6 +113,9 @@ def test_backbone_learns_the_photos_and_predict_uses_its_model(backbone, weights
     # 18 tuned photos are too few to calibrate on: so said, in its output and in its name.
     assert metrics["temperature"] is None and "too few to calibrate" in result.stdout
     assert not is_calibrated(out / "model.keras")
+    # Nor are they enough to doubt a photo's folder: said in the same line.
+    assert "no doubtful.csv" in result.stdout and metrics["doubtful"] is None
+    assert not (out / "doubtful.csv").exists()
     assert (out / "confusion_matrix.png").is_file()
     # predict loads it in safe mode and prepares the photos in colour for it.
     tests = product_folder(tmp_path / "new", per_class=3)  # the same seeds: made alike
@@ -142,6 +163,17 @@ def test_real_shop_photos_are_learned(weights, tmp_path):
             (shop / folder.name).mkdir(parents=True)
             for photo in sorted(folder.iterdir())[:25]:
                 (shop / folder.name / photo.name).symlink_to(photo)
+    # A bag in a trousers' photo's place, among those held out, and trousers in a bag's, among
+    # those tuned on: the same names, so the same split.
+    found = find_labelled_photos(shop)
+    tune, held_out = hold_out_photos(np.array([c for _, c in found]), FINETUNE_HOLDOUT, fm.SEED)
+    trouser, bag = fm.CLASS_NAMES.index("Trouser"), fm.CLASS_NAMES.index("Bag")
+    in_trouser = [found[i][0] for i in held_out if found[i][1] == trouser][-1]
+    in_bag = [found[i][0] for i in tune if found[i][1] == bag][-1]
+    bag_photo, trouser_photo = in_bag.resolve(), in_trouser.resolve()
+    for link, photo in ((in_trouser, bag_photo), (in_bag, trouser_photo)):
+        link.unlink()
+        link.symlink_to(photo)
     out = tmp_path / "run"
     result = main_here("finetune", "--backbone", "mobilenet_v2", shop, "--out-dir", out)
     assert result.returncode == 0, result.stderr
@@ -151,6 +183,11 @@ def test_real_shop_photos_are_learned(weights, tmp_path):
     # Cross-validated on the 200 tuned photos, the new layer is found too sure of itself.
     assert 1.1 < metrics["temperature"] < 3 and "Probabilities calibrated" in result.stdout
     assert is_calibrated(out / "model.keras")
+    # Both swapped photos are doubted, each for what it shows.
+    rows = {row["photo"]: row for row in doubtful_rows(out)}
+    assert rows[f"Trouser/{in_trouser.name}"]["model_class"] == "Bag"
+    assert rows[f"Bag/{in_bag.name}"]["model_class"] == "Trouser"
+    assert float(rows[f"Bag/{in_bag.name}"]["folder_probability"]) < 0.1
 
 
 @pytest.mark.parametrize("sureness", [3.0, 0.5])
