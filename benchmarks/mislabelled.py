@@ -39,22 +39,22 @@ from fashion_shop import doubts, folders  # noqa: E402
 
 KERAS_MODELS = ROOT.parent / "shared" / "keras-models"
 # Run in a new process: the program's main, doubtful_photos's inputs saved to argv[1], with
-# the seconds that the held-out photos' folds took (finetune.out_of_fold_scores).
+# the seconds of each call to photo_features (the tuned photos', then the held-out ones').
 RUN_SAVING_PROBABILITIES = """
 import sys, time, numpy as np
 sys.path.insert(0, {root!r})
 import fashion_mnist_cnn as fm
 from fashion_shop import doubts, finetune
-find, scores, seconds = doubts.doubtful_photos, finetune.out_of_fold_scores, []
+find, features, seconds = doubts.doubtful_photos, finetune.photo_features, []
 def timed(*args):
     start = time.perf_counter()
-    result = scores(*args)
+    result = features(*args)
     seconds.append(time.perf_counter() - start)
     return result
 def saved(labels, probabilities):
-    np.savez(sys.argv[1], labels=labels, probabilities=probabilities, seconds=sum(seconds))
+    np.savez(sys.argv[1], labels=labels, probabilities=probabilities, seconds=seconds)
     return find(labels, probabilities)
-doubts.doubtful_photos, finetune.out_of_fold_scores = saved, timed
+doubts.doubtful_photos, finetune.photo_features = saved, timed
 sys.exit(fm.main(sys.argv[2:]))
 """
 # Run by --cleanlab-python: each of cleanlab's filters on the saved probabilities.
@@ -139,9 +139,9 @@ def one_seed(source, seed, args, work, home):
     order = np.argsort(folder_probability, kind="stable")  # least sure of its folder first
     by_folder_probability = [names[i] for i in order]
     top_not_folder = [names[i] for i in order if probabilities[i].argmax() != labels[i]]
+    features = ", ".join(f"{s:.1f}" for s in data["seconds"])
     print(
-        f"seed {seed}: {len(moved)} photos moved, finetune {seconds:.0f} s (the held-out "
-        f"photos' folds {float(data['seconds']):.1f} s)"
+        f"seed {seed}: {len(moved)} photos moved, finetune {seconds:.0f} s (features {features} s)"
     )
     totals = {"doubtful.csv": show("doubtful.csv", listed, moved)}
     totals["top class not the folder's"] = show("top class not the folder's", top_not_folder, moved)
@@ -165,8 +165,8 @@ def one_seed(source, seed, args, work, home):
     for photo, (own, wrong) in moved.items():
         if photo not in listed:
             p = probabilities[names.index(photo)]
-            own, wrong, said = (fm.CLASS_NAMES[c] for c in (own, wrong, p.argmax()))
-            print(f"    {photo}: {own} -> {wrong}: {said} {p.max():.0%} ({wrong} {p[wrong]:.0%})")
+            shown = f"{fm.CLASS_NAMES[p.argmax()]} {p.max():.0%} ({p[wrong]:.0%} in its folder)"
+            print(f"    {photo}: {fm.CLASS_NAMES[own]} -> {fm.CLASS_NAMES[wrong]}: {shown}")
     print("  listed, not moved (folder: the model says):")
     for row in rows:
         if row["photo"] not in moved:

@@ -126,10 +126,12 @@ def fold_layers(feature_shape):
     )
 
 
-def out_of_fold_logits(features, labels, seed, epochs, learning_rate):
+def out_of_fold_logits(features, labels, seed, epochs, learning_rate, unseen=None):
     """Each tuned photo's scores from a new layer trained as finetune trains one, but on the
     other folds' photos alone (both ways round): fold k's layer is told nothing of fold k's
-    photos. features holds the photos, then their mirror images."""
+    photos. features holds the photos, then their mirror images. After them, the scores of
+    the photos whose features are `unseen` (held out: no fold learned them), by each fold's
+    layer in turn."""
     import keras
 
     keras.utils.set_random_seed(seed)  # the same temperature when a run is continued
@@ -143,8 +145,11 @@ def out_of_fold_logits(features, labels, seed, epochs, learning_rate):
     )
     layers.fit(features, np.tile(targets, (2, 1)), batch_size=BATCH_SIZE, epochs=epochs, verbose=0)
     kernel, bias = layers.layers[1].get_weights()
-    scores = (features[:n] @ kernel + bias).reshape(n, CALIBRATION_FOLDS, 10)
-    return scores[np.arange(n), folds]
+    if unseen is not None and len(unseen):
+        features = np.concatenate([features[:n], unseen])
+        folds = np.concatenate([folds, np.arange(len(unseen)) % CALIBRATION_FOLDS])
+    scores = (features[: len(folds)] @ kernel + bias).reshape(len(folds), CALIBRATION_FOLDS, 10)
+    return scores[np.arange(len(folds)), folds]
 
 
 def best_temperature(logits, labels):
@@ -168,9 +173,3 @@ def calibrate(head, temperature):
     dense = head.layers[-1]
     kernel, bias = dense.get_weights()
     dense.set_weights([kernel / temperature, bias / temperature])
-
-
-def joined_features(first, second):
-    """Two photo_features results as one: the photos of both, then the mirror images of both."""
-    a, b = len(first) // 2, len(second) // 2
-    return np.concatenate([first[:a], second[:b], first[a:], second[b:]])

@@ -40,7 +40,6 @@ from fashion_shop.backbone import (
     build_transfer_model,
     calibrate,
     feature_batches,
-    joined_features,
     out_of_fold_logits,
     photo_features,
 )
@@ -228,38 +227,29 @@ def photo_batches(images, labels, seed, epoch):
     return batches(images, labels, BATCH_SIZE, epoch_key=(seed, epoch), augment=True)
 
 
-def calibrated_temperature(head, features, labels, args):
+def calibrated_temperature(head, features, labels, unseen, args):
     """Make the new layer's probabilities say how often it is right, so that predict's unsure
     marks and the review page's figure can be trusted: the temperature found by
-    cross-validation on the tuned photos, and their out-of-fold scores; (None, None), and said,
-    where they are too few (then no photo is doubted either)."""
+    cross-validation on the tuned photos; with it, the scores that the folds' layers give the
+    tuned photos, then the held-out ones (features `unseen`, or None), none of them learned by
+    the layer that scores it. (None, None), and said, where they are too few (then no photo is
+    doubted either)."""
     if len(labels) < MIN_CALIBRATED:
         print(
             f"Probabilities left as trained, no doubtful.csv: {len(labels)} photos are too "
             f"few to calibrate them on ({MIN_CALIBRATED} or more)"
         )
         return None, None
-    logits = out_of_fold_logits(features, labels, args.seed, args.epochs, args.learning_rate)
-    temperature = best_temperature(logits, labels)
+    logits = out_of_fold_logits(
+        features, labels, args.seed, args.epochs, args.learning_rate, unseen
+    )
+    temperature = best_temperature(logits[: len(labels)], labels)
     calibrate(head, temperature)
     print(
         f"Probabilities calibrated: temperature {temperature:.2f}, found by cross-validation "
         "on the tuned photos"
     )
     return temperature, logits
-
-
-def out_of_fold_scores(model, images, labels, tuned, held_out, args):
-    """Every photo's scores from a new layer that never learned it, so that every photo of the
-    folder can be doubted: tuned holds the tuned photos' (indices, features, calibration's
-    out-of-fold scores); with photos held out, folds over all photos anew."""
-    tune, features, scores = tuned
-    if not len(held_out):
-        return scores  # tune is every photo, in order
-    order = np.concatenate([tune, held_out])
-    features = joined_features(features, photo_features(model, images[held_out]))
-    scores = out_of_fold_logits(features, labels[order], args.seed, args.epochs, args.learning_rate)
-    return scores[np.argsort(order)]
 
 
 def list_doubtful(run, folder, photos, probabilities):
@@ -372,8 +362,9 @@ def main(argv):
         epoch_data = functools.partial(photo_batches, images[tune], labels[tune], args.seed)
     progress, stop_signal = train_run(learner, run, epoch_data, None, args.epochs)
     temperature = probabilities = None
-    if args.backbone and stop_signal is None:
-        temperature, scores = calibrated_temperature(learner, features, labels[tune], args)
+    if args.backbone and stop_signal is None:  # the held-out photos, for doubtful.csv
+        unseen = photo_features(model, images[held_out])[: len(held_out)] if measure else None
+        temperature, scores = calibrated_temperature(learner, features, labels[tune], unseen, args)
     if not args.backbone:  # so that predict, and "after", show it photos as it was tuned on
         model.name = TUNED_NAME
     elif temperature is not None:  # so that predict trusts its probabilities
@@ -384,8 +375,8 @@ def main(argv):
         save_figure(plot_confusion_matrix(after["confusion"]), run.out_dir / "confusion_matrix.png")
     else:
         print("No photos held out (--holdout 0): nothing measured")
-    if temperature is not None:  # as the calibrated model sees photos it never learned
-        scores = out_of_fold_scores(model, images, labels, (tune, features, scores), held_out, args)
+    if temperature is not None:  # every photo, as the calibrated model sees one it never learned
+        scores = scores[np.argsort(np.concatenate([tune, held_out]))]  # in the photos' order
         probabilities = np.asarray(keras.ops.softmax(scores / temperature), np.float64)
     doubtful = list_doubtful(run, args.folder, photos, probabilities)
     counted = np.bincount(labels, minlength=10)
