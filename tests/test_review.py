@@ -435,6 +435,20 @@ def test_help_comes_at_once_and_review_never_loads_tensorflow(run_main):
     assert loaded.stdout == "[]\n", loaded.stderr
 
 
+def test_without_a_display_no_browser_is_opened_and_the_address_is_enough(monkeypatch, capsys):
+    opened = []
+    monkeypatch.setattr(review.webbrowser, "open", lambda url: opened.append(url) or False)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(review.sys, "platform", "linux")
+    review.open_browser("http://127.0.0.1:1/?token=t")
+    assert opened == []  # a console browser would take over the terminal
+    monkeypatch.setenv("DISPLAY", ":0")
+    review.open_browser("http://127.0.0.1:1/?token=t")
+    assert opened == ["http://127.0.0.1:1/?token=t"]  # tried; none found: said, no error
+    assert capsys.readouterr().out.count("open the address in a browser") == 2
+
+
 def test_nothing_to_check_says_so(tmp_path, run_main):
     folder = write_catalogue(tmp_path / "sorted", SORTED[4:])
     result = run_main("review", folder, "--no-browser")
@@ -523,7 +537,13 @@ def test_in_the_browser_one_key_decides_a_photo_undo_moves_it_back_a_new_start_g
         assert browser.find_element("id", "left").text == "3"
         press(browser, "4")  # Coat
         wait_for(lambda: (catalogue / "Coat/c1.png").is_file())
-        assert len(opened.seconds) == 4
+        assert shown_photo(browser) == LEAST_SURE_FIRST[2]
+        press(browser, Keys.ARROW_LEFT)  # back to the Coat: decided again, as a Pullover
+        assert shown_photo(browser) == LEAST_SURE_FIRST[1]
+        press(browser, "2")
+        wait_for(lambda: (catalogue / "Pullover/c1.png").is_file())
+        wait_for(lambda: browser.find_element("id", "pending").text == "0")
+        assert len(opened.seconds) == 6  # that last as an undo and a decision
     with serving(catalogue) as (_, port, token):
         browser.get(f"http://127.0.0.1:{port}/?token={token}")
         wait_for(lambda: browser.find_element("tag name", "body").get_attribute("data-ready"))
