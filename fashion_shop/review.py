@@ -66,7 +66,11 @@ def check_writable(folder, what):
 
 
 def leads_out(folder, rel):
-    return not (folder / rel).resolve().is_relative_to(folder.resolve())
+    """Whether the photo at rel is, links resolved, outside folder (or links in a loop)."""
+    try:
+        return not (folder / rel).resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # RuntimeError: links in a loop
+        return True
 
 
 def catalogue_queue(folder):
@@ -88,9 +92,11 @@ def catalogue_queue(folder):
     unsure = [(rel, row) for rel, row in found if sorting.in_unsure(rel)]
     outside = [rel for rel, _ in unsure if leads_out(folder, rel)]
     if outside:
+        many = len(outside) > 1
         print(
-            f"note: {len(outside):,} unsure photos are links to files outside {folder} (e.g. "
-            f"{outside[0]}): review shows and moves only photos inside it, so check those by hand",
+            f"note: {len(outside):,} unsure photo{'s are links' if many else ' is a link'} to "
+            f"{'files' if many else 'a file'} outside {folder} (e.g. {outside[0]}): review shows "
+            "and moves only photos inside it, so check those by hand",
             file=sys.stderr,
         )
     unsure.sort(key=lambda pair: (pair[1].probability if pair[1] else 2.0, str(pair[0])))

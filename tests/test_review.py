@@ -133,6 +133,17 @@ def test_the_queue_is_the_unsure_photos_least_sure_first_each_proposed_as_its_fo
     assert first["answers"] == [["Sneaker", 0.45], ["Sandal", 0.35], ["Ankle boot", 0.2]]
 
 
+def test_unsure_photos_that_are_links_leading_out_are_left_out_and_said(
+    catalogue, tmp_path, capsys
+):
+    (tmp_path / "original.png").write_bytes((catalogue / LEAST_SURE_FIRST[0]).read_bytes())
+    (catalogue / LEAST_SURE_FIRST[0]).unlink()
+    (catalogue / LEAST_SURE_FIRST[0]).symlink_to(tmp_path / "original.png")  # predict --link's
+    items = review.open_review(arguments(catalogue)).items
+    assert [item.photo for item in items] == LEAST_SURE_FIRST[1:]
+    assert "1 unsure photo is a link to a file outside" in capsys.readouterr().err
+
+
 def test_decisions_are_moves_that_finetune_and_predict_read_as_a_persons(catalogue):
     with serving(catalogue) as (_, port, token):
         assert decide(port, token, "Coat/unsure/c1.png", "Pullover") == (
