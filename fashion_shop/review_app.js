@@ -103,7 +103,11 @@ function show() {
   counts();
   const item = items[at];
   $("view").hidden = !item;
-  $("done").hidden = Boolean(item) || items.some((other) => other.choice === null);
+  $("done").hidden = Boolean(item);
+  const left = items.filter((other) => other.choice === null).length;
+  $("done").textContent = left
+    ? `The end of the queue: ${left} left undecided (\u2190 goes back to them).`
+    : "Every photo is decided. Ctrl+C in the terminal stops review.";
   if (!item) return;
   const photo = $("photo");
   if (photo.dataset.index !== String(item.index)) photo.src = photoUrl(item);
