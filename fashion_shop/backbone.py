@@ -79,16 +79,18 @@ def new_head(feature_shape, name="head"):
     )
 
 
-def photo_features(model, images):
+def photo_features(model, images, mirrored=True):
     """What the frozen backbone sees in each photo and then in each mirror image (so the new
-    layer learns shoes pointing either way), computed once: the new layer trains in seconds."""
+    layer learns shoes pointing either way), computed once: the new layer trains in seconds.
+    Not mirrored: the photos alone, as predict shows them."""
     import keras
 
     extractor = keras.Sequential([keras.Input(model.input_shape[1:]), *model.layers[:-1]])
+    views = (images, images[:, :, ::-1]) if mirrored else (images,)
     return np.concatenate(
         [
             extractor.predict_on_batch(scale_pixels(x[i : i + FEATURE_BATCH]))
-            for x in (images, images[:, :, ::-1])
+            for x in views
             for i in range(0, len(x), FEATURE_BATCH)
         ]
     )

@@ -363,7 +363,7 @@ def main(argv):
     progress, stop_signal = train_run(learner, run, epoch_data, None, args.epochs)
     temperature = probabilities = None
     if args.backbone and stop_signal is None:  # the held-out photos, for doubtful.csv
-        unseen = photo_features(model, images[held_out])[: len(held_out)] if measure else None
+        unseen = photo_features(model, images[held_out], mirrored=False) if measure else None
         temperature, scores = calibrated_temperature(learner, features, labels[tune], unseen, args)
     if not args.backbone:  # so that predict, and "after", show it photos as it was tuned on
         model.name = TUNED_NAME
