@@ -127,8 +127,8 @@ def parse_predict_args(argv):
         metavar="RUNNER",
         help="classify as an Apache Beam pipeline (pip install -r requirements-beam.txt), the "
         "same rows as without it: DirectRunner here, writing --csv FILE whole; DataflowRunner, "
-        "FlinkRunner or SparkRunner on a cluster, writing FILE-00000-of-000NN shards. Beam's "
-        "own options follow predict's (--project=..., --temp_location=...)",
+        "FlinkRunner or SparkRunner on a cluster, writing shards (rows-00000-of-000NN.csv for "
+        "--csv rows.csv). Beam's own options follow predict's (--project=..., --temp_location=...)",
     )
     args, args.beam_options = parser.parse_known_args(argv)
     if args.beam_options and not args.runner:
