@@ -4,6 +4,7 @@ hold-out, accuracy before and after, the photos each model is shown, and every r
 import json
 import signal
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -135,6 +136,32 @@ def test_before_is_measured_on_the_photos_as_predict_shows_them(model_path, tmp_
         assert fm.main([*argv, "--out-dir", str(tmp_path / out)]) == 0
         assert (shown[0] == np.stack([expected(path) for path in held_out])).all()  # before
         model = tmp_path / out / "model.keras"
+
+
+def test_doubtful_csv_said_in_a_line_and_an_earlier_runs_removed_where_none_is_made(
+    tmp_path, capsys
+):
+    run, folder = SimpleNamespace(out_dir=tmp_path / "run"), tmp_path / "shop"
+    run.out_dir.mkdir()
+    photos = [(folder / "Bag" / "a.jpg", 8), (folder / "Bag" / "b.jpg", 8)]
+    photos += [(folder / "Trouser" / "c.jpg", 1), (folder / "Trouser" / "d.jpg", 1)]
+    probabilities = np.full((4, 10), 0.01)
+    probabilities[[0, 2, 3], [8, 1, 1]] = 0.91
+    probabilities[1, 1] = 0.91  # b.jpg, in Bag, shows trousers
+    assert finetune.list_doubtful(run, folder, photos, probabilities) == 1
+    listed = run.out_dir / "doubtful.csv"
+    assert capsys.readouterr().out == (
+        f"1 photo whose folder the model doubts: {listed} (check them: review {folder} "
+        f"--queue {listed})\n"
+    )
+    # A run that makes no list (too few photos, stopped) leaves none of an earlier run's.
+    assert finetune.list_doubtful(run, folder, photos, None) is None
+    assert not listed.exists()
+    probabilities[1] = probabilities[0]
+    assert finetune.list_doubtful(run, folder, photos, probabilities) == 0
+    assert (
+        capsys.readouterr().out == f"No photos whose folder the model doubts: {listed} lists none\n"
+    )
 
 
 def test_finetune_holds_out_the_same_photos_for_the_same_seed():
