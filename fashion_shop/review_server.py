@@ -190,10 +190,14 @@ class Review:
         to replace a file."""
         if destination == source:
             return
+        made = not destination.parent.exists()  # a class folder that was not there yet
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
             os.rename(source, destination)
         except OSError as error:
+            if made:  # a refusal leaves nothing behind
+                with contextlib.suppress(OSError):
+                    destination.parent.rmdir()
             raise Refused(409, f"cannot move {source.name} ({error.strerror})") from None
 
     def keep(self, item, target):

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, assert_clean_failure, start_program, wait_for_line
 from PIL import Image
 
-from fashion_shop import finetune, review, review_page, sorting
+from fashion_shop import finetune, review, review_page, review_server, sorting
 from fashion_shop.catalogue import SORTED_HEADER, Row, rewrite
 from fashion_shop.review_server import MAX_BODY
 
@@ -382,6 +382,29 @@ def test_finetunes_own_doubtful_csv_is_read_as_its_queue(tmp_path):
         "folder_class": "Coat", "proposed": "Pullover",
         "answers": [["Pullover", 0.87], ["Coat", 0.05]], "decided": False,
     }  # fmt: skip
+
+
+def test_a_refused_move_of_a_listed_photo_leaves_it_undecided_in_the_record(tmp_path, monkeypatch):
+    folder = tmp_path / "labelled"
+    listed = write_list(folder)
+    (folder / "Pullover").mkdir()
+    (folder / "Pullover/a.png").write_bytes(b"another photo of that name")
+    with serving(folder, listed) as (_, port, token):
+        assert decide(port, token, "Sneaker/b.png", "Sandal")[0] == 200
+        before = every_file(tmp_path)
+        status, answer = decide(port, token, "Coat/a.png", "Pullover")
+        assert status == 409 and "exists already" in answer["error"]
+        assert every_file(tmp_path) == before  # the record as it was, too
+
+        def no_rename(source, destination):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(review_server.os, "rename", no_rename)  # after the record is written
+        status, answer = decide(port, token, "coats/d.png", "Shirt")
+        assert status == 409 and "cannot move d.png (Permission denied)" in answer["error"]
+        assert every_file(tmp_path) == before  # the record, and no Shirt folder made
+    again = review.open_review(arguments(folder, listed)).items
+    assert [item.decided for item in again] == [False, True, False]
 
 
 def test_a_stop_between_the_record_and_the_move_leaves_the_photo_undecided(tmp_path):
