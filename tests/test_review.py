@@ -601,3 +601,6 @@ def test_in_the_browser_a_refused_move_is_shown_and_the_photo_stays_undecided(ca
         assert browser.find_element("id", "left").text == "4"
         assert browser.find_element("id", "saved").text == "0"  # never marked done
         assert not (catalogue / "Sandal").exists()
+        assert shown_photo(browser) == LEAST_SURE_FIRST[1]
+        browser.find_element("id", "accept").click()  # the mouse works too
+        wait_for(lambda: (catalogue / "Coat/c1.png").is_file())
