@@ -19,7 +19,7 @@ from pathlib import Path
 def beam_about_itself(record):
     """Beam's warnings on its root logger say what it cannot do for itself, not for predict:
     its import says it has no BigQuery clients, and each batch that it cannot measure its
-    memory (it looks for PyTorch first: Beam 2.77)."""
+    memory (it looks for PyTorch first: Beam 2.78)."""
     return "apache_beam" not in record.pathname or record.levelno >= logging.ERROR
 
 
@@ -152,9 +152,8 @@ class PhotoModelHandler(ModelHandler):
     """A model file of ours for RunInference: loaded on each worker as predict loads it (its
     kind checked, float32 where bf16 is not native), answering a batch of prepared photos as
     predict does (a mirrored model: each photo and its mirror image, averaged; a batch asked
-    as PREDICT_BATCH photos). Beam's own
-    TFModelHandlerNumpy cannot: it imports tensorflow_hub (which brings Keras 2) and calls the
-    model as it is."""
+    as PREDICT_BATCH photos). Beam's own TFModelHandlerNumpy cannot: it imports tensorflow_hub
+    (which brings Keras 2) and calls the model as it is."""
 
     def __init__(self, location):
         # Whole batches: each is asked of the model as PREDICT_BATCH photos whatever its size.
@@ -274,8 +273,8 @@ def pipeline_options(options):
 
 
 def refuse_here_paths(args, runner):
-    """A cluster's workers cannot read this machine's files: its PATHs, model and CSV must be
-    URLs (gs://, s3://)."""
+    """A cluster's workers cannot read this machine's files: the PATHs, the model and the CSV
+    must be URLs (gs://, s3://)."""
     here = [given for given in [args.model, *args.paths, args.csv] if not is_url(given)]
     if here and type(runner).__name__ not in StandardOptions.LOCAL_RUNNERS:
         raise UserError(
@@ -285,6 +284,7 @@ def refuse_here_paths(args, runner):
 
 
 def count(result, name):
+    """A counter of the photos, added up over the workers."""
     counters = result.metrics().query(MetricsFilter().with_namespace(COUNTERS).with_name(name))
     return sum(counter.committed or 0 for counter in counters["counters"])
 
@@ -309,11 +309,8 @@ def main(args):
         result.wait_until_finish()
     except Exception as error:  # a worker's failure, as the runner reports it
         raise UserError(f"the pipeline failed on {args.runner}: {first_sentence(error)}") from None
-    seconds, done, errors = (
-        time.perf_counter() - start,
-        count(result, "photos"),
-        count(result, "unreadable"),
-    )
+    seconds = time.perf_counter() - start
+    done, errors = count(result, "photos"), count(result, "unreadable")
     where = args.csv if one_file else f"{args.csv} (shards)"
     print(
         f"Classified {done - errors:,} of {done:,} photos in {seconds:.1f} s "
