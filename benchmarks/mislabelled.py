@@ -16,7 +16,8 @@ ranked other ways for comparison: every photo by the probability of its folder's
 first (no filter), and the photos whose top class is not their folder's. With --cleanlab-python
 (a Python with cleanlab installed, never the project's own: `python -m venv V && V/bin/pip
 install cleanlab`), cleanlab's find_label_issues is run on them too: its confident_learning
-list must equal doubtful.csv's, and its other filters are scored beside it.
+list must equal doubtful.csv's, and its other filters are scored beside it; first, the two
+lists are compared on --random-sets random probability sets (`--seeds` alone: only that).
 """
 
 import argparse
@@ -46,9 +47,9 @@ sys.path.insert(0, {root!r})
 import fashion_mnist_cnn as fm
 from fashion_shop import doubts, finetune
 find, features, seconds = doubts.doubtful_photos, finetune.photo_features, []
-def timed(*args):
+def timed(*args, **kwargs):
     start = time.perf_counter()
-    result = features(*args)
+    result = features(*args, **kwargs)
     seconds.append(time.perf_counter() - start)
     return result
 def saved(labels, probabilities):
@@ -57,18 +58,20 @@ def saved(labels, probabilities):
 doubts.doubtful_photos, finetune.photo_features = saved, timed
 sys.exit(fm.main(sys.argv[2:]))
 """
-# Run by --cleanlab-python: each of cleanlab's filters on the saved probabilities.
+# Run by --cleanlab-python: each of cleanlab's filters on each file of saved probabilities,
+# a line of JSON a file.
 CLEANLAB = """
 import json, sys, numpy as np
 from cleanlab.filter import find_label_issues
-saved = np.load(sys.argv[1])
-print(json.dumps({
-    f"{filter_by}": find_label_issues(
-        saved["labels"], saved["probabilities"], filter_by=filter_by,
-        return_indices_ranked_by="self_confidence", n_jobs=1,
-    ).tolist()
-    for filter_by in ("confident_learning", "prune_by_noise_rate", "prune_by_class", "both")
-}))
+for path in sys.argv[1:]:
+    saved = np.load(path)
+    print(json.dumps({
+        f"{filter_by}": find_label_issues(
+            saved["labels"], saved["probabilities"], filter_by=filter_by,
+            return_indices_ranked_by="self_confidence", n_jobs=1,
+        ).tolist()
+        for filter_by in ("confident_learning", "prune_by_noise_rate", "prune_by_class", "both")
+    }))
 """
 
 
@@ -103,6 +106,31 @@ def finetune(folder, out, home, saved, holdout):
         sys.exit(f"finetune failed:\n{result.stderr[-2000:]}")
     print([line for line in result.stdout.splitlines() if "doubts" in line][0])
     return time.perf_counter() - start
+
+
+def cleanlab_lists(python, *saved):
+    """cleanlab's lists for each file of saved probabilities: {filter: indices}, a file each."""
+    theirs = subprocess.run([python, "-c", CLEANLAB, *saved], capture_output=True, text=True)
+    if theirs.returncode:
+        sys.exit(f"cleanlab failed:\n{theirs.stderr[-2000:]}")
+    return [json.loads(line) for line in theirs.stdout.splitlines()]
+
+
+def random_sets_agree(python, count, work):
+    """On how many of count random probability sets (sizes, classes present and sureness drawn
+    from seed 0) cleanlab's confident_learning list equals doubts.doubtful_photos'."""
+    rng, mine, saved = np.random.default_rng(0), [], []
+    for n in range(count):
+        photos = rng.integers(20, 300)
+        labels = rng.integers(0, rng.integers(2, 11), photos)
+        logits = rng.normal(size=(photos, 10)) * rng.uniform(0.5, 4)
+        logits[np.arange(photos), labels] += rng.uniform(0, 4)
+        probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        saved.append(work / f"random-{n}.npz")
+        np.savez(saved[-1], labels=labels, probabilities=probabilities)
+        mine.append(doubts.doubtful_photos(labels, probabilities).tolist())
+    theirs = cleanlab_lists(python, *saved)
+    return sum(m == t["confident_learning"] for m, t in zip(mine, theirs))
 
 
 def scores(listed, moved):
@@ -150,12 +178,7 @@ def one_seed(source, seed, args, work, home):
         "lowest folder probability, first k", ranked, moved
     )
     if args.cleanlab_python:
-        theirs = subprocess.run(
-            [args.cleanlab_python, "-c", CLEANLAB, saved], capture_output=True, text=True
-        )
-        if theirs.returncode:
-            sys.exit(f"cleanlab failed:\n{theirs.stderr[-2000:]}")
-        for filter_by, indices in json.loads(theirs.stdout).items():
+        for filter_by, indices in cleanlab_lists(args.cleanlab_python, saved)[0].items():
             listed_by_them = [names[i] for i in indices]
             same = " (the same list)" * (listed_by_them == listed)
             totals[f"cleanlab {filter_by}"] = show(
@@ -180,10 +203,13 @@ def one_seed(source, seed, args, work, home):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="labelled photos, a subfolder per class")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--share", type=float, default=0.05, help="share of photos moved")
     parser.add_argument("--holdout", type=float, default=0.2, help="finetune's --holdout")
     parser.add_argument("--cleanlab-python", help="a Python with cleanlab installed")
+    parser.add_argument(
+        "--random-sets", type=int, default=200, help="with --cleanlab-python: random sets compared"
+    )
     args = parser.parse_args()
     name, flags = fm.cpu_info()
     print(f"CPU: {name}, {fm.cpu_class(flags)}")
@@ -191,7 +217,15 @@ def main():
         work = Path(temporary)
         home = work / "home"
         shutil.copytree(KERAS_MODELS, home / ".keras" / "models")
+        if args.cleanlab_python and args.random_sets:
+            agree = random_sets_agree(args.cleanlab_python, args.random_sets, work)
+            print(
+                f"cleanlab's confident_learning list equals doubts.doubtful_photos' on {agree} "
+                f"of {args.random_sets} random probability sets"
+            )
         results = [one_seed(args.folder, seed, args, work, home) for seed in args.seeds]
+    if not results:
+        return
     moved = sum(n for n, _ in results)
     print(f"\nAll {len(args.seeds)} seeds, {moved} photos moved:")
     for name in results[0][1]:
