@@ -1,5 +1,6 @@
 """`fashion_mnist_cnn.py finetune`: adapt a trained model to a shop's own labelled photos, or
-with --backbone train a new last layer on an ImageNet network for them."""
+with --backbone train a new last layer on an ImageNet network for them, and list the photos
+that are probably in the wrong folder (doubtful.csv)."""
 
 import functools
 from pathlib import Path
@@ -84,7 +85,8 @@ def parse_finetune_args(argv):
         "--backbone",
         choices=sorted(BACKBONES),
         help="instead of MODEL, Keras' ImageNet network of that name sees the colour photos "
-        "and a new last layer is trained (weights downloaded once into the Keras cache)",
+        "and a new last layer is trained (weights downloaded once into the Keras cache); the "
+        "run folder's doubtful.csv lists the photos whose folder it doubts, for review --queue",
     )
     parser.add_argument(
         "--epochs",
