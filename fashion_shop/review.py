@@ -6,8 +6,12 @@ as a person's in a file manager, so that predict and finetune read it as theirs.
 import contextlib
 import csv
 import errno
+import fcntl
+import html
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -18,7 +22,7 @@ from fashion_mnist_cnn import CLASS_NAMES, ArgumentParser, UserError, checked, d
 from fashion_shop import review_page, sorting
 from fashion_shop.catalogue import read_rows_done
 from fashion_shop.folders import folder_class
-from fashion_shop.review_server import Item, Review, start_server
+from fashion_shop.review_server import Item, Refused, Review, photo_path, start_server
 
 port_number = checked(digits, lambda n: n < 65536, "a port from 0 (a free one) to 65535")
 # The columns of finetune --backbone's list of photos whose folder the model doubts.
@@ -68,9 +72,24 @@ def check_writable(folder, what):
 def leads_out(folder, rel):
     """Whether the photo at rel is, links resolved, outside folder (or links in a loop)."""
     try:
-        return not (folder / rel).resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError):  # RuntimeError: links in a loop
+        photo_path(folder.resolve(), rel.as_posix())
+    except Refused:
         return True
+    return False
+
+
+def sorted_rows(folder):
+    """The rows of predict's CSV in a sorted catalogue; refused in review's words where it is
+    damaged (read_rows_done's own words name predict's options)."""
+    path = folder / sorting.CSV_NAME
+    try:
+        return read_rows_done(path, [], sorted_into=folder)[0]
+    except UserError as error:  # "--sort-into F: PATH REASON; sort into another folder, ..."
+        reason = str(error).partition(f"{path} ")[2].rpartition("; sort into")[0]
+        raise UserError(
+            f"{path} {reason or 'cannot be read'}: review needs the CSV that predict "
+            f"--sort-into wrote in {folder}"
+        ) from None
 
 
 def catalogue_queue(folder):
@@ -83,7 +102,7 @@ def catalogue_queue(folder):
             f"{sorting.CSV_NAME}); give one, or --queue with finetune's doubtful.csv for a "
             "labelled folder"
         )
-    rows, _ = read_rows_done(folder / sorting.CSV_NAME, [], sorted_into=folder)
+    rows = sorted_rows(folder)
     files = sorting.scan(folder)
     now, theirs = sorting.match(rows, files)
     answers = {row.path: row for row in rows}
@@ -164,13 +183,14 @@ def probability(text):
 
 
 def listed_item(folder, row, decided):
-    """A row of the list as an item of the queue, or the reason it cannot be one."""
+    """A row of the list as an item of the queue, the reason it cannot be one, or None where
+    the photo is no longer where the list (or the record) says: moved by hand."""
     photo = row["photo"] or ""
+    try:
+        photo_path(folder.resolve(), photo)
+    except Refused as refused:  # the server's own rule for a photo's path
+        return str(refused)
     parts = PurePosixPath(photo).parts
-    if not photo or PurePosixPath(photo).is_absolute() or ".." in parts or "\\" in photo:
-        return f"{photo!r} is not a path inside the folder"
-    if len(parts) < 2 or folder_class(parts[0]) is None or not sorting.is_photo(Path(photo)):
-        return f"{photo} is not a photo in a class folder"
     if row["folder_class"] not in CLASS_NAMES or row["model_class"] not in CLASS_NAMES:
         return "folder_class and model_class must each be a class (as in CLASS_NAMES)"
     chance, own = probability(row["model_probability"]), probability(row["folder_probability"])
@@ -186,8 +206,8 @@ def listed_item(folder, row, decided):
     done = photo in decided and os.path.lexists(folder / decided[photo])
     now = decided[photo] if done else photo
     if not os.path.lexists(folder / now):
-        return f"{photo} is not in {folder}"
-    if leads_out(folder, now):
+        return None
+    if leads_out(folder, PurePosixPath(now)):
         return f"{photo} leads out of {folder}"
     answers = [[row["model_class"], chance], [row["folder_class"], own]]
     return Item(photo, now, CLASS_NAMES.index(row["model_class"]), answers, decided=done)
@@ -196,9 +216,12 @@ def listed_item(folder, row, decided):
 def listed_queue(folder, listed):
     """The photos of a --queue list, in its order, those decided before marked so."""
     decided = read_record(listed, folder)
-    items, seen = [], set()
+    items, seen, moved = [], set(), []
     for line, row in list_rows(listed):
         item = listed_item(folder, row, decided)
+        if item is None:
+            moved.append(row["photo"])
+            continue
         if isinstance(item, str):
             raise UserError(
                 f"--queue {listed}, line {line}: {item} (give the folder finetune read for it)"
@@ -207,6 +230,18 @@ def listed_queue(folder, listed):
             raise UserError(f"--queue {listed}, line {line}: {item.photo} is listed twice")
         seen.add(item.photo)
         items.append(item)
+    if moved and not items:
+        raise UserError(
+            f"--queue {listed}: {moved[0]} is not in {folder}, nor any photo it lists; give "
+            "the folder finetune read for it"
+        )
+    if moved:
+        many = len(moved) > 1
+        print(
+            f"note: {len(moved):,} listed photo{'s are' if many else ' is'} no longer where the "
+            f"list says (e.g. {moved[0]}; moved by hand?): left out",
+            file=sys.stderr,
+        )
     return items
 
 
@@ -218,12 +253,48 @@ def open_review(args):
     if args.queue is None:
         items, record = catalogue_queue(args.folder), None
     else:
+        if args.queue.is_dir():
+            raise UserError(f"--queue {args.queue}: a folder, not a list (give its doubtful.csv)")
         if not args.queue.is_file():
             raise UserError(f"--queue {args.queue}: no such file")
         items, record = listed_queue(args.folder, args.queue), record_path(args.queue)
         check_writable(args.queue.parent, f"--queue {args.queue}")
     check_writable(args.folder, str(args.folder))
     return Review(args.folder, items, record)
+
+
+def lock_path(args):
+    """The file whose lock says a review is running: beside the record for a --queue list,
+    hidden in the folder for a catalogue."""
+    if args.queue is None:
+        return args.folder / ".review.lock"
+    return record_path(args.queue).with_suffix(".lock")
+
+
+@contextlib.contextmanager
+def alone(args):
+    """This review the only one of its folder or list while it runs (two would each rewrite
+    the record, or the page, from their own items, losing the other's decisions): an
+    exclusive lock, let go by the system however this process ends; refused in one line."""
+    what = f"--queue {args.queue}" if args.queue else str(args.folder)
+    try:
+        held = os.open(lock_path(args), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise UserError(f"{what}: cannot write there ({error.strerror})") from None
+    with open(held, "r+", encoding="ascii") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            raise UserError(
+                f"{what}: already being reviewed by another review (pid "
+                f"{file.read().strip() or '?'}); stop that one first, or go on in its page"
+            ) from None
+        file.truncate(0)
+        file.seek(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        yield
 
 
 def serve(review, port):
@@ -239,23 +310,52 @@ def serve(review, port):
         raise UserError(f"--port {port}: cannot listen there ({error.strerror})") from None
 
 
+def redirect_file(url):
+    """A page that leads the browser to url, readable by this user only (in a folder of its
+    own): what the browser is given, so that the token is in no program's arguments, which
+    anyone on the machine can read (as Jupyter's use_redirect_file)."""
+    page = Path(tempfile.mkdtemp(prefix="review-")) / "open.html"
+    address = html.escape(url, quote=True)
+    with open(os.open(page, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(
+            f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url='
+            f'{address}"><title>review</title><a href="{address}">Open review</a>\n'
+        )
+    return page
+
+
+def remove_redirect(page):
+    if page is not None:
+        shutil.rmtree(page.parent, ignore_errors=True)
+
+
 def open_browser(url):
-    """The address opened in a browser where there is one with a window; else nothing (a
-    console browser would take over this terminal)."""
+    """The address opened in a browser where there is one with a window, through a redirect
+    file (returned, to be removed at the stop); else nothing (a console browser would take
+    over this terminal)."""
     no_display = not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    opened = False
-    if not (sys.platform.startswith("linux") and no_display):
+    if sys.platform.startswith("linux") and no_display:
+        page = None
+    else:
+        page = redirect_file(url)
         try:
-            opened = webbrowser.open(url)
+            opened = webbrowser.open(page.as_uri())
         except webbrowser.Error:
             opened = False
-    if not opened:
+        if not opened:
+            page = remove_redirect(page)
+    if page is None:
         print("No browser to open here: open the address in a browser on this machine")
+    return page
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # kill (SIGTERM) stops review as Ctrl+C does
 
 
 def refresh_page(folder):
     """The catalogue's index.html written anew, with the moves made (as predict would)."""
-    rows, _ = read_rows_done(folder / sorting.CSV_NAME, [], sorted_into=folder)
+    rows = sorted_rows(folder)
     view = review_page.overview(folder, rows, sorting.read_models(folder))
     review_page.write_page(folder, view, None)
 
@@ -269,19 +369,30 @@ def main(argv):
     if not left:
         print(f"Nothing to check: no photo left in {what}")
         return 0
+    to_check = f"{left:,} photo{'s' if left > 1 else ''} to check in {what}"
+    with alone(args):
+        decided = served(review, args, to_check)
+    print(f"\nStopped: {decided:,} decided, {len(review.items) - decided:,} left")
+    return 0
+
+
+def served(review, args, to_check):
+    """The page served until Ctrl+C or kill; the number decided, the page refreshed."""
     server, token = serve(review, args.port)
     url = f"http://127.0.0.1:{server.server_address[1]}/?token={token}"
     order = "likeliest mistakes" if args.queue else "least sure"
+    page = None
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, wherever it comes: stopped
-        print(f"{left:,} photos to check in {what}, {order} first, at\n  {url}", flush=True)
+        print(f"{to_check}, {order} first, at\n  {url}", flush=True)
         if not args.no_browser:
-            open_browser(url)
+            page = open_browser(url)
         print("Ctrl+C stops it; the same command goes on where it stopped", flush=True)
         threading.Event().wait()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     server.shutdown()
+    remove_redirect(page)
     with review.lock:  # a decision in flight is finished first
-        decided = sum(item.decided for item in review.items)
         if args.queue is None:
             refresh_page(args.folder)
-    print(f"\nStopped: {decided:,} decided, {len(review.items) - decided:,} left")
-    return 0
+        return sum(item.decided for item in review.items)

@@ -44,6 +44,33 @@ class Refused(Exception):
         self.status = status
 
 
+def photo_path(root, rel):
+    """The path of a photo in a class folder of root (a resolved folder), from a path relative
+    to it; refused unless it stays inside root, links resolved (no .., no absolute path, no
+    link leading out). The one rule for the server's requests and for a --queue list's rows."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or "\\" in rel:
+        raise Refused(400, "a photo's path is a relative path with / between its parts")
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise Refused(400, f"{rel[:200]}: not a path inside the folder")
+    path = root.joinpath(*parts)
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: links in a loop
+        raise Refused(400, f"{rel[:200]}: cannot be resolved") from None
+    if not resolved.is_relative_to(root):
+        raise Refused(403, f"{rel[:200]}: leads out of the folder")
+    in_a_class = len(parts) > 1 and not parts[0].startswith(".")
+    if not in_a_class or folder_class(parts[0]) is None or not is_photo(path):
+        raise Refused(400, f"{rel[:200]}: not a photo in a class folder")
+    return path
+
+
+def number(text):
+    """text as a whole number, where it is one in ASCII digits ("²".isdigit() is true too)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 @dataclass
 class Item:
     """A photo in the queue: photo (where it was when the queue was made, relative to the
@@ -101,25 +128,7 @@ class Review:
         return self.by_photo[photo]
 
     def inside(self, rel):
-        """The path of a photo in a class folder, from a path relative to the folder; refused
-        unless it stays inside the folder, links resolved (no .., no absolute path, no link
-        leading out)."""
-        if not isinstance(rel, str) or not rel or "\0" in rel or "\\" in rel:
-            raise Refused(400, "a photo's path is a relative path with / between its parts")
-        parts = PurePosixPath(rel).parts
-        if PurePosixPath(rel).is_absolute() or ".." in parts:
-            raise Refused(400, f"{rel[:200]}: not a path inside the folder")
-        path = self.root.joinpath(*parts)
-        try:
-            resolved = path.resolve()
-        except (OSError, RuntimeError):  # RuntimeError: links in a loop
-            raise Refused(400, f"{rel[:200]}: cannot be resolved") from None
-        if not resolved.is_relative_to(self.root):
-            raise Refused(403, f"{rel[:200]}: leads out of the folder")
-        in_a_class = len(parts) > 1 and not parts[0].startswith(".")
-        if not in_a_class or folder_class(parts[0]) is None or not is_photo(path):
-            raise Refused(400, f"{rel[:200]}: not a photo in a class folder")
-        return path
+        return photo_path(self.root, rel)
 
     def where_it_is(self, item, rel):
         """The photo's path now, as the page thought; refused if it is not there."""
@@ -169,8 +178,7 @@ class Review:
                 raise Refused(409, f"{photo} is not decided (undone in another tab?)")
             self.move(source, self.free(source, item.photo))
             item.now, item.decided = item.photo, False
-            # After the move: a stop (or a full disk) before it leaves the record saying where
-            # the photo went, and a new start, finding it back where it was, undecided.
+            # Recorded after the move: if this write fails, a new start finds it undecided.
             with contextlib.suppress(Refused):
                 self.keep(item, None)
             return {"now": item.photo}
@@ -231,6 +239,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     review: Review
     token: str
+    timeout = 30  # seconds a request may take to arrive: a slow one must not hold a thread
     server_version = "review"
     sys_version = ""
 
@@ -289,21 +298,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(url.query)
         if url.path == "/review_app.js":  # the page's code: nothing secret in it
             return 200, "text/javascript; charset=utf-8", SCRIPT.read_bytes()
+        if url.path == "/":  # nothing secret in it either; its requests need the token
+            return 200, "text/html; charset=utf-8", PAGE.read_bytes()
         if url.path == "/api/queue":
             self.check_token(self.headers.get("X-Token"))
             return 200, "application/json", json.dumps(self.review.queue()).encode()
         self.check_token(query.get("token", [""])[0])
-        if url.path == "/":
-            return 200, "text/html; charset=utf-8", PAGE.read_bytes()
-        if url.path.startswith("/photo/") and url.path[7:].isdigit():
-            return self.photo(int(url.path[7:]))
+        if url.path.startswith("/photo/") and number(url.path[7:]) is not None:
+            return self.photo(number(url.path[7:]))
         raise Refused(404, f"{url.path[:100]}: no such page")
 
     def photo(self, index):
-        if index >= len(self.review.items):
-            raise Refused(404, "no such photo in the queue")
-        rel = self.review.items[index].now
-        path = self.review.inside(rel)
+        with self.review.lock:  # where it is now, not mid-move
+            if index >= len(self.review.items):
+                raise Refused(404, "no such photo in the queue")
+            rel = self.review.items[index].now
+            path = self.review.inside(rel)
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -327,14 +337,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The request's JSON object, of at most MAX_BODY bytes (a larger one is not read)."""
         if self.headers.get_content_type() != "application/json":
             raise Refused(415, "send JSON (Content-Type: application/json)")
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        length = number(self.headers.get("Content-Length", ""))
+        if length is None:
             raise Refused(411, "a request needs its Content-Length")
-        if int(length) > MAX_BODY:
+        if length > MAX_BODY:
             raise Refused(413, f"a request is at most {MAX_BODY} bytes")
         try:
-            request = json.loads(self.rfile.read(int(length)))
-        except (ValueError, UnicodeDecodeError):
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise Refused(408, f"the request's body did not come in {self.timeout} s") from None
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[...
             raise Refused(400, "not JSON") from None
         if not isinstance(request, dict):
             raise Refused(400, "not a JSON object")

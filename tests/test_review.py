@@ -11,8 +11,11 @@ import json
 import os
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,6 +23,7 @@ import pytest
 from conftest import ROOT, assert_clean_failure, start_program, wait_for_line
 from PIL import Image
 
+from fashion_mnist_cnn import UserError
 from fashion_shop import finetune, review, review_page, review_server, sorting
 from fashion_shop.catalogue import SORTED_HEADER, Row, rewrite
 from fashion_shop.review_server import MAX_BODY
@@ -202,7 +206,6 @@ def test_a_move_onto_a_file_or_from_where_the_photo_no_longer_is_is_refused(cata
 REFUSED_FOR = {
     "no token": "token",
     "a wrong token": "token",
-    "the page without its token": "token",
     "a foreign Origin": "requests from http://evil.example are refused",
     "another port's Origin": "requests from http://127.0.0.1:1 are refused",
     "DNS rebinding": "wrong Host",
@@ -231,7 +234,6 @@ def hostile_requests(port, token):
     return [
         ("no token", "POST", "/api/decide", good, {"Content-Type": "application/json"}, None),
         ("a wrong token", "POST", "/api/decide", good, {**json_headers, "X-Token": "x"}, None),
-        ("the page without its token", "GET", "/", None, {}, None),
         ("the queue without its token", "GET", "/api/queue", None, {}, None),
         ("a photo without its token", "GET", "/photo/0", None, {}, None),
         ("a foreign Origin", "POST", "/api/decide", good,
@@ -298,11 +300,51 @@ def test_hostile_requests_are_refused_in_one_line_and_nothing_on_disk_changes(ca
         assert ask(port, "GET", f"/?token={token}")[0] == 200  # the server still answers
 
 
+def raw(port, request):
+    """The status of the answer to a request sent as these bytes (None: no answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(request)
+        answer = connection.recv(65536)
+    return int(answer.split()[1]) if answer else None
+
+
+def test_requests_of_any_bytes_and_a_body_that_never_comes_get_a_4xx(catalogue, monkeypatch):
+    assert 0 < review_server.Handler.timeout <= 60  # a thread is not held for ever
+    monkeypatch.setattr(review_server.Handler, "timeout", 0.5)
+    with serving(catalogue) as (_, port, token):
+        head = f"Host: 127.0.0.1:{port}\r\nX-Token: {token}\r\nContent-Type: application/json\r\n"
+        post = f"POST /api/decide HTTP/1.1\r\n{head}".encode()
+        for what, request in [
+            ("a length in other digits", post + "Content-Length: \u00b2\r\n\r\n".encode("latin-1")),
+            ("a photo in other digits", f"GET /photo/\u00b2?token={token} HTTP/1.1\r\n"
+             f"Host: 127.0.0.1:{port}\r\n\r\n".encode("latin-1")),
+            ("deep JSON", post + b"Content-Length: 3000\r\n\r\n" + b"[" * 3000),
+            ("a body that never comes", post + b"Content-Length: 10\r\n\r\n"),
+        ]:  # fmt: skip
+            status = raw(port, request)
+            assert status is not None and 400 <= status < 500, (what, status)
+        assert ask(port, "GET", f"/?token={token}")[0] == 200  # the server still answers
+
+
+def test_a_photo_is_looked_up_where_it_is_once_a_move_in_flight_is_done(catalogue):
+    with serving(catalogue) as (opened, port, token):
+        answers = []
+        with opened.lock:  # a move in flight
+            asking = threading.Thread(
+                target=lambda: answers.append(ask(port, "GET", f"/photo/0?token={token}"))
+            )
+            asking.start()
+            asking.join(0.5)
+            assert answers == []  # waits for the move
+        asking.join(10)
+        assert answers[0][0] == 200
+
+
 def test_the_static_page_names_the_review_command(catalogue):
     assert f"fashion_mnist_cnn.py review {catalogue}" in (catalogue / "index.html").read_text()
 
 
-def test_the_page_and_the_photos_need_the_token_and_say_so(catalogue):
+def test_the_photos_and_the_pages_requests_need_the_token_and_say_so(catalogue):
     with serving(catalogue) as (opened, port, token):
         status, page = ask(port, "GET", f"/?token={token}")
         assert status == 200 and b"review_app.js" in page
@@ -358,6 +400,25 @@ def test_a_list_of_doubtful_photos_is_checked_in_its_order_and_its_decisions_kep
         ("coats/d.png", False),
     ]
     assert review.record_path(listed).parent == listed.parent
+
+
+def test_a_listed_photo_moved_by_hand_is_left_out_and_said(tmp_path, capsys):
+    folder = tmp_path / "labelled"
+    listed = write_list(folder)
+    (folder / "Sneaker/b.png").rename(folder / "Coat/b.png")
+    items = review.open_review(arguments(folder, listed)).items
+    assert [item.photo for item in items] == ["Coat/a.png", "coats/d.png"]
+    assert "note: 1 listed photo is no longer where the list says" in capsys.readouterr().err
+
+
+def test_a_second_review_of_the_same_folder_or_list_is_refused_in_one_line(catalogue, tmp_path):
+    listed = write_list(tmp_path / "labelled")
+    for args in (arguments(catalogue), arguments(tmp_path / "labelled", listed)):
+        refused = pytest.raises(UserError, match=f"already being reviewed .*pid {os.getpid()}")
+        with review.alone(args), refused, review.alone(args):
+            pass
+        with review.alone(args):  # let go at the stop
+            pass
 
 
 def test_finetunes_own_doubtful_csv_is_read_as_its_queue(tmp_path):
@@ -453,10 +514,16 @@ def test_bad_input_is_one_line(tmp_path, run_main, catalogue):
     assert_clean_failure(run_main("review", tmp_path / "none"), "no such folder")
     result = run_main("review", catalogue, "--queue", tmp_path / "none.csv")
     assert_clean_failure(result, "no such file")
+    result = run_main("review", catalogue, "--queue", tmp_path / "plain")
+    assert_clean_failure(result, "a folder, not a list")
     assert_clean_failure(run_main("review", catalogue, "--port", "70000"), "a port from 0")
     with serving(catalogue) as (_, port, _token):
         result = run_main("review", catalogue, "--port", port, "--no-browser")
         assert_clean_failure(result, f"--port {port}: taken by another program")
+    (catalogue / sorting.CSV_NAME).write_text("photo,class\n")
+    result = run_main("review", catalogue)
+    assert_clean_failure(result, "review needs the CSV that predict --sort-into wrote")
+    assert "--csv" not in result.stderr
 
 
 def test_help_comes_at_once_and_review_never_loads_tensorflow(run_main):
@@ -475,12 +542,29 @@ def test_without_a_display_no_browser_is_opened_and_the_address_is_enough(monkey
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.setattr(review.sys, "platform", "linux")
-    review.open_browser("http://127.0.0.1:1/?token=t")
+    assert review.open_browser("http://127.0.0.1:1/?token=t") is None
     assert opened == []  # a console browser would take over the terminal
     monkeypatch.setenv("DISPLAY", ":0")
-    review.open_browser("http://127.0.0.1:1/?token=t")
-    assert opened == ["http://127.0.0.1:1/?token=t"]  # tried; none found: said, no error
+    assert review.open_browser("http://127.0.0.1:1/?token=t") is None  # its file removed
+    assert len(opened) == 1 and not review.Path(opened[0][7:]).parent.exists()  # tried
     assert capsys.readouterr().out.count("open the address in a browser") == 2
+
+
+def test_the_browser_is_given_a_private_file_that_leads_on_not_the_token(monkeypatch):
+    """A program's arguments can be read by anyone on the machine (ps)."""
+    opened = []
+    monkeypatch.setattr(review.webbrowser, "open", lambda url: opened.append(url) or True)
+    monkeypatch.setenv("DISPLAY", ":0")
+    url = "http://127.0.0.1:1/?token=secret"
+    page = review.open_browser(url)
+    try:
+        assert opened == [page.as_uri()] and "secret" not in opened[0]
+        assert stat.S_IMODE(page.stat().st_mode) == 0o600
+        assert stat.S_IMODE(page.parent.stat().st_mode) == 0o700
+        assert f'content="0;url={url}"' in page.read_text()
+    finally:
+        review.remove_redirect(page)
+    assert not page.parent.exists()
 
 
 def test_nothing_to_check_says_so(tmp_path, run_main):
@@ -489,22 +573,69 @@ def test_nothing_to_check_says_so(tmp_path, run_main):
     assert result.returncode == 0 and "Nothing to check" in result.stdout
 
 
+def wait_for(check, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.02)
+
+
+# Loaded by the program started below (PYTHONPATH): the move of one photo slowed, so that a
+# kill comes during it.
+SLOW_RENAME = """import os, time
+rename = os.rename
+
+
+def slow_rename(source, destination, *args, **kwargs):
+    if os.path.basename(destination) == os.environ.get("SLOW_RENAME"):
+        open(os.environ["SLOW_RENAME_STARTED"], "w").close()
+        time.sleep(60)
+    return rename(source, destination, *args, **kwargs)
+
+
+os.rename = slow_rename
+"""
+
+
+def address(program):
+    """(port, token) of the address a review started in the background printed."""
+    line = wait_for_line(program, "  http://")[-1]
+    return int(line.split(":")[2].split("/")[0]), line.split("token=")[1].strip()
+
+
 @pytest.mark.slow
-def test_a_kill_9_loses_at_most_the_decision_in_flight_and_the_same_command_goes_on(catalogue):
-    """The process itself is under test: started anew, killed with SIGKILL."""
-    program = start_program("review", catalogue, "--no-browser")
-    lines = wait_for_line(program, "  http://")
-    port, token = lines[-1].split(":")[2].split("/")[0], lines[-1].split("token=")[1].strip()
-    assert decide(int(port), token, LEAST_SURE_FIRST[0], "Sandal")[0] == 200
+def test_a_kill_9_during_a_move_loses_that_decision_only_and_kill_stops_as_ctrl_c(
+    catalogue, tmp_path
+):
+    """The process itself is under test: started anew, killed with SIGKILL during a move."""
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow/sitecustomize.py").write_text(SLOW_RENAME)
+    started = tmp_path / "started"
+    paths = [str(tmp_path / "slow"), os.environ.get("PYTHONPATH", "")]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "SLOW_RENAME": "c2.png",
+           "SLOW_RENAME_STARTED": str(started)}  # fmt: skip
+    program = start_program("review", catalogue, "--no-browser", env=env)
+    port, token = address(program)
+    for photo, name in zip(LEAST_SURE_FIRST[:3], ["Sandal", "Pullover", "Bag"], strict=True):
+        assert decide(port, token, photo, name)[0] == 200
+
+    def decide_the_last():  # c2.png to Coat: its move slowed, and killed
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            decide(port, token, LEAST_SURE_FIRST[3], "Coat")
+
+    in_flight = threading.Thread(target=decide_the_last, daemon=True)
+    in_flight.start()
+    wait_for(started.exists, timeout=30)
     program.send_signal(signal.SIGKILL)
     program.wait()
-    assert (catalogue / "Sandal/s1.png").is_file()
+    assert (catalogue / "Sandal/s1.png").is_file() and (catalogue / "Bag/b1.png").is_file()
+    assert (catalogue / LEAST_SURE_FIRST[3]).is_file()  # not moved: undecided, nothing half made
     program = start_program("review", catalogue, "--no-browser")
     lines = wait_for_line(program, "Ctrl+C stops it")
-    assert lines[0].startswith("3 photos to check")
-    program.send_signal(signal.SIGINT)  # Ctrl+C: stops, says what was done, page refreshed
+    assert lines[0].startswith(f"1 photo to check in {catalogue}")
+    program.send_signal(signal.SIGTERM)  # kill: stops as Ctrl+C does, the page refreshed
     assert program.wait(timeout=30) == 0
-    assert "Stopped: 0 decided, 3 left" in program.stdout.read()
+    assert "Stopped: 0 decided, 1 left" in program.stdout.read()
     assert "Sandal" in (catalogue / sorting.PAGE_NAME).read_text()
 
 
@@ -523,13 +654,6 @@ def browser():
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
-
-
-def wait_for(check, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.02)
 
 
 def shown_photo(driver):
@@ -556,6 +680,7 @@ def test_in_the_browser_one_key_decides_a_photo_undo_moves_it_back_a_new_start_g
         browser.get(f"http://127.0.0.1:{port}/?token={token}")
         wait_for(lambda: browser.find_element("tag name", "body").get_attribute("data-ready"))
         assert shown_photo(browser) == LEAST_SURE_FIRST[0]
+        assert token not in browser.current_url  # out of the address bar and the history
         assert browser.find_element("id", "left").text == "4"
         press(browser, Keys.ENTER)  # Sneaker, as proposed
         assert shown_photo(browser) == LEAST_SURE_FIRST[1]  # at once
@@ -578,6 +703,9 @@ def test_in_the_browser_one_key_decides_a_photo_undo_moves_it_back_a_new_start_g
         wait_for(lambda: (catalogue / "Pullover/c1.png").is_file())
         wait_for(lambda: browser.find_element("id", "pending").text == "0")
         assert len(opened.seconds) == 6  # that last as an undo and a decision
+        browser.refresh()  # the token kept for the tab: a reload goes on
+        wait_for(lambda: browser.find_element("tag name", "body").get_attribute("data-ready"))
+        assert shown_photo(browser) == LEAST_SURE_FIRST[2]
     with serving(catalogue) as (_, port, token):
         browser.get(f"http://127.0.0.1:{port}/?token={token}")
         wait_for(lambda: browser.find_element("tag name", "body").get_attribute("data-ready"))
