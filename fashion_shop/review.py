@@ -343,7 +343,8 @@ def open_browser(url):
         except webbrowser.Error:
             opened = False
         if not opened:
-            page = remove_redirect(page)
+            remove_redirect(page)
+            page = None
     if page is None:
         print("No browser to open here: open the address in a browser on this machine")
     return page
@@ -382,14 +383,14 @@ def served(review, args, to_check):
     url = f"http://127.0.0.1:{server.server_address[1]}/?token={token}"
     order = "likeliest mistakes" if args.queue else "least sure"
     page = None
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    before = signal.signal(signal.SIGTERM, stop_on_sigterm)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, wherever it comes: stopped
         print(f"{to_check}, {order} first, at\n  {url}", flush=True)
         if not args.no_browser:
             page = open_browser(url)
         print("Ctrl+C stops it; the same command goes on where it stopped", flush=True)
         threading.Event().wait()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, before)
     server.shutdown()
     remove_redirect(page)
     with review.lock:  # a decision in flight is finished first
