@@ -7,6 +7,7 @@ pipeline, for a catalogue past one machine (Dataflow, Flink, Spark), with predic
     in predict's order, written whole (a runner on this machine), or CSV shards (a cluster's)
 """
 
+import contextlib
 import csv
 import io
 import logging
@@ -26,8 +27,10 @@ def beam_about_itself(record):
 logging.getLogger().addFilter(beam_about_itself)  # before Beam's import, which warns
 
 import apache_beam as beam  # noqa: E402
+from apache_beam.io.aws import s3io  # noqa: E402
 from apache_beam.io.filesystem import CompressionTypes  # noqa: E402
 from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.io.gcp import gcsio  # noqa: E402
 from apache_beam.metrics import Metrics, MetricsFilter  # noqa: E402
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions  # noqa: E402
@@ -42,32 +45,35 @@ from fashion_mnist_cnn import (  # noqa: E402
 )
 from fashion_shop import catalogue, photos  # noqa: E402
 from fashion_shop.models import check_model_file, kind_of, load_trained_model  # noqa: E402
-from fashion_shop.predict import PREDICT_BATCH, batch_probabilities, top_three  # noqa: E402
+from fashion_shop.predict import PREDICT_BATCH, batch_probabilities, is_url, top_three  # noqa: E402
 
 COUNTERS = "fashion_shop"  # the namespace of the photos counted on the workers
-GLOB = "*?["  # a URL with one of these is a pattern of Beam's file systems
-
-
-def is_url(location):
-    """gs://..., s3://...: where Beam's file systems read (a Path never holds "://")."""
-    return "://" in str(location)
+GLOB = "*?["  # a PATH with one of these is a pattern of Beam's file systems
 
 
 # ----------------------------------------------------------------------------------------------
 # The photos a PATH names, and a model file, wherever they are
 
 
+def matched(given):
+    """A PATH that Beam's file systems match: a URL, or a pattern on this machine (quoted, as
+    "photos/*/*.jpg") that is no file's name as it is."""
+    return is_url(given) or (any(c in str(given) for c in GLOB) and not Path(given).exists())
+
+
 def wanted(pattern):
-    """A URL as Beam's file systems match it: a folder (ending in /) as everything under it."""
+    """A PATH as Beam's file systems match it: a folder URL (ending in /) as everything under it."""
+    pattern = str(pattern)
     return pattern + "**" if pattern.endswith("/") else pattern
 
 
 def photos_named(given):
     """The photos a PATH names, in predict's order: a path on this machine as predict takes it
-    (a folder: every PNG and JPEG under it, sorted); a URL by Beam's file systems (a folder or
-    a pattern: its PNGs and JPEGs, sorted; a file: itself)."""
-    if not is_url(given):
+    (a folder: every PNG and JPEG under it, sorted); a URL or a pattern by Beam's file systems
+    (a folder or a pattern: its PNGs and JPEGs, sorted; a file: itself)."""
+    if not matched(given):
         return [str(path) for path in photos.find_images([given])]
+    given = str(given)
     found = sorted(match.path for match in FileSystems.match([wanted(given)])[0].metadata_list)
     if wanted(given) == given and not any(c in given for c in GLOB):
         return found
@@ -76,7 +82,7 @@ def photos_named(given):
 
 def refuse_matching_nothing(given):
     """One line, before the pipeline starts, for a PATH that names no photo."""
-    if is_url(given):
+    if matched(given):
         try:
             found = FileSystems.match([wanted(given)], limits=[1])[0].metadata_list
         except (OSError, ValueError) as error:  # no file system for its scheme, no access
@@ -259,11 +265,16 @@ def runner_named(name):
 
 def pipeline_options(options):
     """Beam's options from the arguments predict does not know; one it does not know either is
-    refused, where Beam would drop it with a warning (a misspelt --num_workers)."""
+    refused, where Beam would drop it with a warning (a misspelt --num_workers), and a value
+    its parser refuses is its own line, without its parser's 130 lines of usage."""
     parsed = PipelineOptions(options)
+    said = io.StringIO()
     logging.disable(logging.WARNING)  # Beam's own warning that it drops them: said below
     try:
-        known = parsed.get_all_options()
+        with contextlib.redirect_stderr(said):
+            known = parsed.get_all_options()
+    except SystemExit:  # argparse's usage, then "-: error: argument --name: what is wrong"
+        raise UserError(said.getvalue().strip().splitlines()[-1].partition("error: ")[2]) from None
     finally:
         logging.disable(logging.NOTSET)
     unknown = parsed.get_all_options(retain_unknown_options=True).keys() - known.keys()
@@ -272,15 +283,34 @@ def pipeline_options(options):
     return parsed
 
 
-def refuse_here_paths(args, runner):
+def refuse_here_paths(args, one_file):
     """A cluster's workers cannot read this machine's files: the PATHs, the model and the CSV
-    must be URLs (gs://, s3://)."""
+    must be URLs (gs://, s3://). A runner here writes its one CSV here, renamed into place
+    whole."""
     here = [given for given in [args.model, *args.paths, args.csv] if not is_url(given)]
-    if here and type(runner).__name__ not in StandardOptions.LOCAL_RUNNERS:
+    if here and not one_file:
         raise UserError(
             f"{here[0]}: a path on this machine, which {args.runner}'s workers cannot read; "
             "give cloud storage (gs://..., s3://...)"
         )
+    if one_file and is_url(args.csv):
+        raise UserError(
+            f"--csv {args.csv}: {args.runner} writes its CSV on this machine; give a path here "
+            "(a cluster's runner writes shards to cloud storage)"
+        )
+
+
+def refuse_missing_file_systems(locations):
+    """One line for cloud storage whose client comes with Beam's extras: without them Beam
+    says so only as it reads, in a 40-line traceback."""
+    extras = {"gs": not gcsio.GCS_INSTALLED and "gcp", "s3": not s3io.BOTO3_INSTALLED and "aws"}
+    for location in filter(is_url, locations):
+        scheme = location.partition("://")[0]
+        if extras.get(scheme):
+            raise UserError(
+                f"{location}: Beam reads {scheme}:// with its extras: "
+                f"pip install 'apache-beam[{extras[scheme]}]'"
+            )
 
 
 def count(result, name):
@@ -289,26 +319,40 @@ def count(result, name):
     return sum(counter.committed or 0 for counter in counters["counters"])
 
 
+def run_to_the_end(pipeline, runner_name):
+    """The pipeline's result once it is done; a failure (a worker's, as the runner reports it)
+    is one line, which Beam's log would precede with the failure's traceback."""
+    beam_log = logging.getLogger("apache_beam")
+    level = beam_log.level
+    beam_log.setLevel(logging.CRITICAL)
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as error:
+        raise UserError(f"the pipeline failed on {runner_name}: {first_sentence(error)}") from None
+    finally:
+        beam_log.setLevel(level)
+    return result
+
+
 def main(args):
     """runner, options, PATHs, model and CSV checked -> the pipeline run -> a summary."""
     start = time.perf_counter()
     runner = runner_named(args.runner)
     options = pipeline_options(args.beam_options)
-    refuse_here_paths(args, runner)
+    FileSystems.set_options(options)  # S3's file system reads its settings there
+    one_file = type(runner).__name__ in StandardOptions.LOCAL_RUNNERS
+    refuse_here_paths(args, one_file)
+    refuse_missing_file_systems([args.model, *args.paths, args.csv])
     for given in args.paths:
         refuse_matching_nothing(given)
-    one_file = type(runner).__name__ in StandardOptions.LOCAL_RUNNERS
     if not is_url(args.csv):
         catalogue.refuse_to_replace_other_files(args.csv)
         catalogue.refuse_unwritable(args.csv)
     preparation = checked_model(args.model).photos
     pipeline = beam.Pipeline(runner=runner, options=options)
     build(pipeline, args.paths, args.model, preparation, args.csv, one_file)
-    try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    except Exception as error:  # a worker's failure, as the runner reports it
-        raise UserError(f"the pipeline failed on {args.runner}: {first_sentence(error)}") from None
+    result = run_to_the_end(pipeline, args.runner)
     seconds = time.perf_counter() - start
     done, errors = count(result, "photos"), count(result, "unreadable")
     where = args.csv if one_file else f"{args.csv} (shards)"

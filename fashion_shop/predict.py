@@ -43,10 +43,15 @@ PREPARE_CHUNK = 8  # photos per task sent to a preparing process: fewer, cheaper
 BATCHES_AHEAD = 16  # prepared or being prepared: at 784 bytes a photo, the window costs nothing
 
 
+def is_url(location):
+    """gs://..., s3://...: cloud storage, which only --runner reaches, through Beam's file
+    systems (a Path never holds "://")."""
+    return "://" in str(location)
+
+
 def location(text):
-    """A path on this machine, or a URL as given (gs://..., s3://...: only --runner reads
-    those, through Beam's file systems)."""
-    return text if "://" in text else Path(text)
+    """A path on this machine, or a URL as given."""
+    return text if is_url(text) else Path(text)
 
 
 def parse_predict_args(argv):
@@ -131,11 +136,14 @@ def parse_predict_args(argv):
         "--csv rows.csv). Beam's own options follow predict's (--project=..., --temp_location=...)",
     )
     args, args.beam_options = parser.parse_known_args(argv)
-    if args.beam_options and not args.runner:
+    with_runner = args.runner is not None
+    if with_runner and not args.runner.strip():
+        parser.error("--runner needs the name of one of Beam's runners (DirectRunner here)")
+    if args.beam_options and not with_runner:
         parser.error(f"unrecognized arguments: {' '.join(args.beam_options)}")
-    if args.runner and not args.csv:
+    if with_runner and not args.csv:
         parser.error("--runner writes its rows to --csv FILE: give the FILE")
-    if args.runner and (args.json or args.resume or args.sort_into):
+    if with_runner and (args.json or args.resume or args.sort_into):
         parser.error("--json, --resume and --sort-into work on this machine: leave out --runner")
     if args.resume and not (args.csv or args.sort_into):
         parser.error("--resume continues a --csv FILE: give the FILE")
@@ -425,11 +433,11 @@ def main(argv):
     classified a batch at a time -> rows written (and photos sorted) and progress shown as they
     are done -> a summary."""
     args = parse_predict_args(argv)
-    if args.runner:
+    if args.runner is not None:
         return on_beam(args)
     start = time.perf_counter()
     for given in [args.model, *args.paths, args.csv]:
-        if isinstance(given, str):  # a URL
+        if is_url(given):
             raise UserError(
                 f"{given}: predict reads and writes this machine's files; add --runner to "
                 "reach cloud storage through Apache Beam"

@@ -5,18 +5,21 @@ cannot be read as rows, and every refusal in one line before the pipeline starts
 import csv
 import errno
 import io
+import subprocess
 import sys
 
 import apache_beam
 import numpy as np
 import pytest
-from conftest import assert_clean_failure, main_here
+from apache_beam.io.aws import s3io
+from apache_beam.io.gcp import gcsio
+from conftest import PROGRAM, assert_clean_failure, main_here, program_env
 from photo_helpers import SHOP_PHOTOS, photo_folder, refused_at_once, sharpened_model
 from PIL import Image
 
 import fashion_mnist_cnn as fm
 import fashion_shop
-from fashion_shop import beam, catalogue
+from fashion_shop import beam, catalogue, predict
 
 keras = fm.start_tensorflow_quietly()
 ON_BEAM = ["--runner", "DirectRunner"]
@@ -107,6 +110,19 @@ def test_a_cluster_writes_shards_of_the_same_rows(runs, models, shop, tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_a_pattern_on_this_machine_gives_the_rows_of_predict_on_its_files(models, shop, tmp_path):
+    """A quoted glob, as Beam's file systems match it here: the rows of predict given the files
+    the shell would have given it."""
+    files = sorted(shop.glob("*/*.jpg"))
+    assert len(files) > 10 and shop / "Bag" / "zz-broken.jpg" in files
+    predicted = main_here("predict", models["plain"], *files, "--csv", tmp_path / "predict.csv")
+    pattern = shop / "*" / "*.jpg"
+    on_beam = main_here("predict", models["plain"], pattern, "--csv", tmp_path / "b.csv", *ON_BEAM)
+    assert predicted.returncode == on_beam.returncode == 1, on_beam.stderr
+    assert (tmp_path / "b.csv").read_bytes() == (tmp_path / "predict.csv").read_bytes()
+
+
 def test_a_photo_in_cloud_storage_is_prepared_from_its_bytes_as_predict_prepares_it(shop):
     photo = sorted((shop / "Dress").iterdir())[0]
     source = io.BytesIO(photo.read_bytes())
@@ -160,6 +176,7 @@ def test_a_path_that_names_no_photo_is_one_line(models, shop, tmp_path, monkeypa
     for path, message in [
         (tmp_path / "gone", "gone: no such photo or folder"),
         (tmp_path / "empty", "empty: a folder with no PNG or JPEG images in it"),
+        (shop / "*" / "*.gif", "*.gif: matches no file"),
     ]:
         argv = [models["plain"], shop, path, "--csv", csv_path]
         assert refused(monkeypatch, capsys, *argv, heavy=heavy).endswith(message)
@@ -212,8 +229,10 @@ def test_a_failure_while_writing_leaves_the_csv_as_it_was(
     [
         (["--num_workrs=3"], "--num_workrs: an option of neither predict nor Beam"),
         (["--runner", "NoSuchRunner"], "--runner NoSuchRunner: not one of Beam's runners"),
+        (["--direct_num_workers=abc"], "argument --direct_num_workers: invalid int value: 'abc'"),
+        (["--direct_running_mode=nonsense"], "argument --direct_running_mode: invalid choice"),
     ],
-    ids=["a misspelt option", "an unknown runner"],
+    ids=["a misspelt option", "an unknown runner", "a bad number", "a bad choice"],
 )
 def test_beams_options_and_runner_are_checked(models, shop, tmp_path, capsys, extra, message):
     code = fm.main(
@@ -239,8 +258,9 @@ def test_a_cluster_is_refused_this_machines_paths(models, shop, tmp_path, monkey
         (["--runner", "DirectRunner"], "--runner writes its rows to --csv FILE"),
         (["--csv", "r.csv", "--runner", "DirectRunner", "--json"], "leave out --runner"),
         (["--project=shop"], "unrecognized arguments: --project=shop"),
+        (["--csv", "r.csv", "--runner", ""], "--runner needs the name of one of Beam's runners"),
     ],
-    ids=["no --csv", "--json", "Beam's option without --runner"],
+    ids=["no --csv", "--json", "Beam's option without --runner", "an empty --runner"],
 )
 def test_the_arguments_are_checked_before_beam(argv, message):
     result = main_here("predict", "model.keras", "photos", *argv)
@@ -258,3 +278,55 @@ def test_without_apache_beam_runner_says_what_to_install(models, shop, tmp_path,
 def test_predict_without_runner_refuses_cloud_storage_in_one_line(models, tmp_path):
     result = main_here("predict", models["plain"], "gs://shop/photos/")
     assert_clean_failure(result, "gs://shop/photos/: predict reads and writes this machine's")
+
+
+@pytest.mark.parametrize(
+    "scheme, installed, extras",
+    [("gs", (gcsio, "GCS_INSTALLED"), "gcp"), ("s3", (s3io, "BOTO3_INSTALLED"), "aws")],
+)
+def test_cloud_storage_without_beams_extras_says_what_to_install(
+    shop, tmp_path, monkeypatch, capsys, scheme, installed, extras
+):
+    monkeypatch.setattr(*installed, False)  # as where apache-beam's extras are not installed
+    argv = [f"{scheme}://shop/model.keras", shop, "--csv", tmp_path / "r.csv"]
+    line = refused(monkeypatch, capsys, *argv, heavy=HEAVY[:2])
+    assert f"{scheme}://shop/model.keras: " in line
+    assert line.endswith(f"pip install 'apache-beam[{extras}]'")
+
+
+def test_a_runner_here_is_refused_a_csv_in_cloud_storage(models, shop, monkeypatch, capsys):
+    argv = [models["plain"], shop, "--csv", "gs://shop/rows.csv"]
+    line = refused(monkeypatch, capsys, *argv, heavy=HEAVY[:2])
+    assert line.startswith("error: --csv gs://shop/rows.csv: DirectRunner writes its CSV on this")
+
+
+def test_one_test_says_what_a_url_is():
+    assert beam.is_url is predict.is_url
+    assert predict.is_url("gs://shop/a.jpg") and not predict.is_url(predict.location("a.jpg"))
+
+
+DISK_FULL = """
+import csv, errno, runpy, sys
+def disk_full(self, rows):
+    raise OSError(errno.ENOSPC, "No space left on device")
+csv.DictWriter.writerows = disk_full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_pipeline_is_one_line_on_the_command_line(models, shop, tmp_path):
+    """Beam logs a worker's failure with its traceback, which only the program's own stderr
+    shows (pytest's log handlers take it in this process): the disk fills as the CSV is
+    written, in a process of its own."""
+    argv = [PROGRAM, "predict", models["plain"], shop / "Bag", "--csv", tmp_path / "r.csv"]
+    result = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, *map(str, argv), *ON_BEAM],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=program_env(),
+    )
+    assert_clean_failure(result, "the pipeline failed on DirectRunner", "no space left")
+    assert not (tmp_path / "r.csv").exists()
