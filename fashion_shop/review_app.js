@@ -2,12 +2,8 @@
 // sent in the background; the photo is marked saved only once the server has moved the file.
 "use strict";
 
-// The token: from the address review printed, then kept for this tab only (a reload goes on)
-// and dropped from the address bar and the history, where anyone looking could read it.
-const token =
-  new URLSearchParams(location.search).get("token") || sessionStorage.getItem("token") || "";
-sessionStorage.setItem("token", token);
-history.replaceState(null, "", location.pathname);
+// The token, from the address review printed (which the page itself needed too).
+const token = new URLSearchParams(location.search).get("token") || "";
 const $ = (id) => document.getElementById(id);
 let items = [];
 let at = 0; // the photo shown

@@ -298,12 +298,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(url.query)
         if url.path == "/review_app.js":  # the page's code: nothing secret in it
             return 200, "text/javascript; charset=utf-8", SCRIPT.read_bytes()
-        if url.path == "/":  # nothing secret in it either; its requests need the token
-            return 200, "text/html; charset=utf-8", PAGE.read_bytes()
         if url.path == "/api/queue":
             self.check_token(self.headers.get("X-Token"))
             return 200, "application/json", json.dumps(self.review.queue()).encode()
         self.check_token(query.get("token", [""])[0])
+        if url.path == "/":
+            return 200, "text/html; charset=utf-8", PAGE.read_bytes()
         if url.path.startswith("/photo/") and number(url.path[7:]) is not None:
             return self.photo(number(url.path[7:]))
         raise Refused(404, f"{url.path[:100]}: no such page")
