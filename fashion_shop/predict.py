@@ -75,7 +75,8 @@ def parse_predict_args(argv):
         nargs="+",
         metavar="path",
         help="PNG or JPEG files, and folders: every PNG and JPEG under them, in sorted order; "
-        "with --runner, also gs:// or s3:// files, folders (ending in /) and patterns (*.jpg)",
+        'with --runner, also quoted patterns ("photos/*/*.jpg": their PNGs and JPEGs) and gs:// '
+        "or s3:// files, folders (ending in /) and patterns",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument(
