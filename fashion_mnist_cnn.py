@@ -6,17 +6,15 @@
     python fashion_mnist_cnn.py finetune MODEL FOLDER  # adapt the model to your labelled photos
     python fashion_mnist_cnn.py export MODEL           # for TF Serving, phones, onnxruntime
 
-The story, in the order of this file: arguments -> load and scale the data -> build the CNN ->
-fit it with 20% held out -> test accuracy -> figures. Then the machinery a real run needs: where
-it computes (compute), and how a stopped run goes on (save and continue). TensorFlow is imported
-only once the arguments and the data have been checked, so that --help and mistakes are answered
-at once; that is why some functions import it themselves.
+The story first: data -> model -> train and evaluate -> figures; then where it computes, how a
+stopped run goes on, and the command line. TensorFlow is imported once the arguments and the
+data are checked (so that --help and mistakes are answered at once), hence local imports.
 """
 
 import argparse
 import contextlib
-import datetime
 import errno
+import functools
 import gc
 import gzip
 import hashlib
@@ -37,9 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-# ----------------------------------------------------------------------------------------------
-# Defaults: the classic recipe. Every run saves the options it used in metrics.json.
-
+# The classic recipe; every run saves the options it used in metrics.json.
 EPOCHS = 10
 AUGMENT_EPOCHS = 15  # mirrored images take longer to pay (benchmarks/README.md)
 BATCH_SIZE = 32
@@ -47,10 +43,8 @@ VALIDATION_SPLIT = 0.2  # share of the training set held out to validate each ep
 SEED = 42
 SAMPLES = [0, 1]  # test images shown in predictions.png
 EVAL_BATCH_SIZE = 256  # validation and test passes only: same numbers, fewer steps
-
-# `--arch improved` brings its own recipe, chosen on the full data (benchmarks/README.md):
-# BatchNorm lets it learn from larger batches at a higher rate, and the rate falls to zero
-# along a cosine, which settles the model within the 10 epochs.
+# --arch improved's own recipe, chosen on the full data (benchmarks/README.md): BatchNorm learns
+# from larger batches at a higher rate, which falls to zero along a cosine within 10 epochs.
 IMPROVED_BATCH_SIZE = 256
 IMPROVED_LEARNING_RATE = 0.005
 
@@ -58,18 +52,7 @@ CLASS_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
-
 COMMANDS = ["predict", "finetune", "export", "review"]  # the shop's tools, in fashion_shop/
-
-# The four official files: size in bytes and md5 of the .gz as published by Zalando.
-OFFICIAL_FILES = {
-    "train-images-idx3-ubyte.gz": (26_421_880, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-    "train-labels-idx1-ubyte.gz": (29_515, "25c81989df183df01b3e8a0aad5dffbe"),
-    "t10k-images-idx3-ubyte.gz": (4_422_102, "bef4ecab320f06d8554ea6380940ec79"),
-    "t10k-labels-idx1-ubyte.gz": (5_148, "bb300cfdad3c16e7a12a480ee83cd310"),
-}
-MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"  # the one keras uses
-IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801  # magic numbers: unsigned bytes, 3 or 1 dimensions
 
 # TensorFlow's C++ start-up notes are noise to our users; their own setting still wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -81,144 +64,30 @@ class UserError(Exception):
 
 
 def first_sentence(error):
-    """A library's error as a short reason: its first sentence (after get_file's ' -- '), or
-    the error's type where that is empty or long. Keras' own messages run to many lines."""
+    """A library's error in short: its first sentence (after get_file's ' -- '), else its type."""
     text = (str(error).split(". ")[0].strip().splitlines() or [""])[0].rpartition(" -- ")[2]
     return text if 0 < len(text) <= 200 else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments: argparse types refuse a bad value with one line, before TensorFlow is imported.
+# Data: the four official files, downloaded once and checked, or read from --data-dir; then the
+# held-out split, and batches scaled to [0, 1] as they are needed.
 
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line instead of argparse's usage block, which buries the actual mistake.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):
-        # An option whose default depends on others says so in its own words, not "None".
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def checked(convert, accept, expected):
-    """An argparse type: convert(text), kept where accept(value) holds, else one line."""
-
-    def parse(text):
-        with contextlib.suppress(ValueError):
-            value = convert(text)
-            if value is not None and accept(value):
-                return value
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-
-    return parse
-
-
-def digits(text):
-    return int(text) if text.isdigit() else None  # no signs, no spaces
-
-
-positive_int = checked(
-    lambda t: digits(t.strip().lstrip("+")), lambda n: n >= 1, "a whole number of at least 1"
-)
-# NumPy's seeding, which Keras' set_random_seed uses too, takes 0 to 2**32 - 1 only.
-seed_value = checked(digits, lambda n: n < 2**32, "a whole number from 0 to 2**32 - 1")
-sample_index = checked(digits, lambda n: True, "a test image index (0, 1, ...)")
-
-
-def share_of_one(zero_allowed=False):
-    """An argparse type for a share: above 0 (or from 0) and below 1."""
-    if zero_allowed:
-        return checked(float, lambda x: 0 <= x < 1, "a number from 0 to below 1")
-    return checked(float, lambda x: 0 < x < 1, "a number between 0 and 1")
-
-
-def add_run_folder_options(parser, what="the model, metrics and figures", suffix=""):
-    """--out-dir, and --overwrite or --resume: alike for training and fine-tuning."""
-    where = f"where {what} go (default: a new runs/<timestamp>{suffix}/)"
-    parser.add_argument("--out-dir", type=Path, default=None, help=where)
-    either = parser.add_mutually_exclusive_group()
-    again = "start over: in an --out-dir that holds a run, finished or not, or without --out-dir "
-    again += "in a new folder (without it, an unfinished run with the same options is continued)"
-    either.add_argument("--overwrite", action="store_true", help=again)
-    newest = "continue the newest unfinished run under runs/, or --out-dir's"
-    either.add_argument("--resume", action="store_true", help=newest)
-
-
-def parse_train_args(argv):
-    parser = ArgumentParser(
-        prog="fashion_mnist_cnn.py",
-        usage="%(prog)s [options]  (train)\n       %(prog)s {predict,finetune,export} ...",
-        description="Train the classic small CNN on Fashion-MNIST and show what it learned.",
-        epilog="Then, with the model.keras a run writes: fashion_mnist_cnn.py predict MODEL "
-        "PATH... classifies your own photos and folders; fashion_mnist_cnn.py finetune MODEL "
-        "FOLDER adapts the model to your labelled photos; fashion_mnist_cnn.py export MODEL "
-        "writes it for TF Serving, phone apps and onnxruntime (see each one's --help).",
-        formatter_class=HelpFormatter,
-    )
-    recipe = parser.add_argument_group("the recipe")
-    epochs = f"training epochs (default: {EPOCHS}; {AUGMENT_EPOCHS} with --augment)"
-    recipe.add_argument("--epochs", type=positive_int, help=epochs)
-    batch = f"batch size (default: {BATCH_SIZE}; {IMPROVED_BATCH_SIZE} with --arch improved)"
-    recipe.add_argument("--batch-size", type=positive_int, help=batch)
-    held_out = "share of the training set held out (at random) to validate each epoch"
-    share = share_of_one()
-    recipe.add_argument("--validation-split", type=share, default=VALIDATION_SPLIT, help=held_out)
-    recipe.add_argument("--seed", type=seed_value, default=SEED, help="random seed, so runs repeat")
-    improved = (
-        "seed: the classic model; improved: a small CNN with BatchNorm and Dropout, trained in "
-        f"batches of {IMPROVED_BATCH_SIZE} at a rate that starts at {IMPROVED_LEARNING_RATE} and "
-        "falls along a cosine"
-    )
-    recipe.add_argument("--arch", choices=["seed", "improved"], default="seed", help=improved)
-    mirror = (
-        "mirror half the training images left-right at random, anew every epoch; trains "
-        f"{AUGMENT_EPOCHS} epochs unless --epochs says otherwise; predict shows the model each "
-        "photo both ways"
-    )
-    recipe.add_argument("--augment", action="store_true", help=mirror)
-    files = parser.add_argument_group("files")
-    from_dir = "read the four Fashion-MNIST IDX files (.gz or not) from DIR instead of "
-    files.add_argument("--data-dir", type=Path, help=from_dir + "downloading them to the cache")
-    add_run_folder_options(files)
-    shown = "test images to show in predictions.png"
-    files.add_argument(
-        "--samples", type=sample_index, nargs="+", default=SAMPLES, metavar="INDEX", help=shown
-    )
-    files.add_argument("--no-show", action="store_true", help="never open a figure window")
-    compute = parser.add_argument_group("compute")
-    native = "auto: bfloat16 mixed precision where the CPU computes bf16 natively, else float32"
-    precisions = ["auto", "float32", "bfloat16"]
-    compute.add_argument("--precision", choices=precisions, default="auto", help=native)
-    whole = "train on each batch whole, not as two halves side by side (the default where there "
-    whole += "are 2 or more cores; same results, only slower)"
-    compute.add_argument("--no-split", action="store_true", help=whole)
-    # Only a mistyped command or one after the options lands here: the right ones never do.
-    parser.add_argument("command", nargs="?", choices=COMMANDS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.command:
-        parser.error(f"{args.command} comes first: fashion_mnist_cnn.py {args.command} ...")
-    del args.command  # so metrics.json's config holds the options alone
-    if args.epochs is None:
-        args.epochs = AUGMENT_EPOCHS if args.augment else EPOCHS
-    if args.batch_size is None:
-        args.batch_size = IMPROVED_BATCH_SIZE if args.arch == "improved" else BATCH_SIZE
-    return args
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: the four official files, downloaded once and checked, or read from --data-dir; then
-# the held-out split, and batches scaled to [0, 1] as they are needed.
+# The four official files: size in bytes and md5 of the .gz as published by Zalando.
+OFFICIAL_FILES = {
+    "train-images-idx3-ubyte.gz": (26_421_880, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    "train-labels-idx1-ubyte.gz": (29_515, "25c81989df183df01b3e8a0aad5dffbe"),
+    "t10k-images-idx3-ubyte.gz": (4_422_102, "bef4ecab320f06d8554ea6380940ec79"),
+    "t10k-labels-idx1-ubyte.gz": (5_148, "bb300cfdad3c16e7a12a480ee83cd310"),
+}
+MIRROR = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"  # the one keras uses
+IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801  # magic numbers: unsigned bytes, 3 or 1 dimensions
 
 
 @contextlib.contextmanager
 def tensorflow_notes_hidden(shown_on_failure=True):
-    """TensorFlow's C++ notes (and its libraries') hidden meanwhile: they are written before
-    TF_CPP_MIN_LOG_LEVEL is read, so stderr points elsewhere. If the block fails, what was
-    written is shown, unless the caller says why in a line; TF_CPP_MIN_LOG_LEVEL=0 shows all."""
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+    """stderr hidden (TensorFlow's C++ notes precede its log level), shown if the block fails."""
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":  # the user asked to see all
         yield
         return
     sys.stderr.flush()
@@ -229,7 +98,7 @@ def tensorflow_notes_hidden(shown_on_failure=True):
             yield
         except BaseException as error:
             os.dup2(saved_stderr, 2)
-            if shown_on_failure and not isinstance(error, KeyboardInterrupt):
+            if shown_on_failure and not isinstance(error, KeyboardInterrupt):  # else, said why
                 log.seek(0)
                 sys.stderr.write(log.read().decode(errors="replace"))
             raise
@@ -239,35 +108,31 @@ def tensorflow_notes_hidden(shown_on_failure=True):
 
 
 def start_tensorflow_quietly():
-    """Import Keras and TensorFlow and find the devices, with TensorFlow's notes hidden."""
     with tensorflow_notes_hidden():
         import keras
         import tensorflow as tf
 
-        tf.config.list_physical_devices()
+        tf.config.list_physical_devices()  # finding the devices writes notes too
     return keras
 
 
 def download(url, file_hash, cache_subdir, offline):
-    """A file fetched once into the Keras cache, checked against its md5 or sha256 by get_file;
-    without internet, one line that says what to do instead (`offline`)."""
+    """A file fetched once into the Keras cache and checked; without internet, says `offline`."""
     keras = start_tensorflow_quietly()
     name = url.rpartition("/")[2]
     try:
         return Path(keras.utils.get_file(name, url, file_hash=file_hash, cache_subdir=cache_subdir))
     except Exception as error:  # get_file raises bare Exceptions for network failures
-        raise UserError(
-            f"could not download {name} ({first_sentence(error)}). Without internet, {offline}"
-        ) from None
+        reason = f"could not download {name} ({first_sentence(error)})"
+        raise UserError(f"{reason}. Without internet, {offline}") from None
 
 
 def download_data_files():
-    """Fetch the four official files into the Keras cache (once), checked against their md5."""
     offline = "put the four Fashion-MNIST files from https://github.com/zalandoresearch/"
     offline += "fashion-mnist in a folder and pass --data-dir FOLDER"
+    files = OFFICIAL_FILES.items()
     return {
-        name: download(MIRROR + name, md5, "datasets/fashion-mnist", offline)
-        for name, (_, md5) in OFFICIAL_FILES.items()
+        n: download(MIRROR + n, md5, "datasets/fashion-mnist", offline) for n, (_, md5) in files
     }
 
 
@@ -292,22 +157,18 @@ def is_official(path, name):
         return False
     with open(path, "rb") as f:
         if hashlib.file_digest(f, "md5").hexdigest() != md5:
-            raise UserError(
-                f"{path}: checksum mismatch: it has the size of the official {name} but not "
-                "its md5, so it is damaged; download it again"
-            )
+            damaged = f"it has the size of the official {name} but not its md5, so it is damaged"
+            raise UserError(f"{path}: checksum mismatch: {damaged}; download it again")
     return True
 
 
 def read_idx(path, magic):
-    """Read an IDX file (gzipped or raw) into a uint8 array, checking header against payload.
-    Read whole, so that a lying header never makes us allocate memory the file cannot fill."""
+    """An IDX file (gzipped or not) as uint8, read whole: a lying header cannot make us allocate."""
     what, gzipped = ("image" if magic == IDX_IMAGES else "label"), False
     try:
-        with open(path, "rb") as f:
-            gzipped = f.read(2) == b"\x1f\x8b"
-        with (gzip.open if gzipped else open)(path, "rb") as f:
-            data = f.read()
+        data = path.read_bytes()
+        gzipped = data[:2] == b"\x1f\x8b"
+        data = gzip.decompress(data) if gzipped else data
     except (OSError, EOFError, zlib.error) as error:
         reason = "not a valid gzip file" if gzipped else "could not be read"
         raise UserError(f"{path}: {reason} ({error})") from None
@@ -323,9 +184,8 @@ def read_idx(path, magic):
     expected = math.prod(dims)
     if len(data) - start != expected:
         problem = "is truncated" if len(data) - start < expected else "has bytes past the end"
-        raise UserError(
-            f"{path}: {problem}: its header promises {dims[0]:,} {what}s ({expected:,} bytes)"
-        )
+        promised = f"its header promises {dims[0]:,} {what}s ({expected:,} bytes)"
+        raise UserError(f"{path}: {problem}: {promised}")
     if dims[0] == 0:
         raise UserError(f"{path}: holds no {what}s")
     return np.frombuffer(data, np.uint8, offset=start).reshape(dims)
@@ -334,8 +194,7 @@ def read_idx(path, magic):
 def load_fashion_mnist(data_dir=None):
     """(x_train, y_train), (x_test, y_test) as uint8 arrays, from data_dir or the download."""
     paths = download_data_files() if data_dir is None else find_data_files(data_dir)
-    # Downloads were checked by get_file; of other files, each official-size one is checked
-    # (a list, not a generator, so that one unofficial file does not skip the others).
+    # get_file checked downloads; of files given, each of official size is (a list: every one).
     official = data_dir is None or all([is_official(p, name) for name, p in paths.items()])
     splits = []
     for split in ("train", "t10k"):
@@ -349,32 +208,24 @@ def load_fashion_mnist(data_dir=None):
             raise UserError(f"{labels_path}: label {labels.max()} found, labels must be 0-9")
         splits.append((images, labels))
     if not official:
-        print(
-            f"note: the data in {data_dir} is not the official Fashion-MNIST files, so its "
-            "accuracy is not comparable with published figures"
-        )
+        note = f"the data in {data_dir} is not the official Fashion-MNIST files, so its accuracy"
+        print(f"note: {note} is not comparable with published figures")
     return splits
 
 
 def split_validation(n_images, validation_split, seed):
-    """Indices of the images to train on and of those held out, the same for the same seed.
-    At random: Keras' "last 20%" would hold out whole classes of a file sorted by class."""
+    """Indices to train on and to hold out, drawn (Keras' last 20% can be whole classes)."""
     order = np.random.default_rng(seed).permutation(n_images)
     split_at = math.floor(n_images * (1 - validation_split))
     if split_at == 0 or split_at == n_images:
-        raise UserError(
-            f"--validation-split {validation_split} leaves no training or no validation "
-            f"images out of {n_images}"
-        )
+        leaves = f"leaves no training or no validation images out of {n_images}"
+        raise UserError(f"--validation-split {validation_split} {leaves}")
     return order[:split_at], order[split_at:]
 
 
 def batches(images, labels, batch_size, indices=None, epoch_key=None, halves=False, augment=False):
-    """A tf.data pipeline of the images at `indices` (default: all), scaled to float32 [0, 1]
-    a batch at a time, so that no float copy of the uint8 data set is ever made. With epoch_key,
-    a (seed, epoch) pair, the order (and with augment, the mirroring) is drawn from that key
-    alone, so any epoch's batches can be made again to continue a stopped run. With halves,
-    each batch comes as its two halves, for in_halves()."""
+    """The images at `indices` (default: all) scaled to [0, 1] a batch at a time, in an order (and
+    mirrored) drawn from epoch_key=(seed, epoch) alone, to make any epoch again when continuing."""
     import tensorflow as tf
 
     images, labels = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
@@ -408,48 +259,31 @@ def batches(images, labels, batch_size, indices=None, epoch_key=None, halves=Fal
 # ----------------------------------------------------------------------------------------------
 # Model
 
-
-def seed_layers(layers):
-    """The design's model, between the input and the 10-class output: 93,322 parameters."""
-    return [
-        layers.Conv2D(32, (3, 3), activation="relu"),
-        layers.MaxPooling2D((2, 2)),
-        layers.Conv2D(64, (3, 3), activation="relu"),
-        layers.MaxPooling2D((2, 2)),
-        layers.Conv2D(64, (3, 3), activation="relu"),
-        layers.Flatten(),
-        layers.Dense(64, activation="relu"),
-    ]
-
-
-def improved_layers(layers):
-    """A small CPU-friendly CNN with BatchNorm and light Dropout (422,538 parameters), of the
-    kind the Fashion-MNIST benchmark lists at about 93%; BatchNorm's statistics move with
-    momentum 0.9 so that they settle within a short run (benchmarks/README.md)."""
-    return [
-        layers.Conv2D(32, (3, 3), padding="same", activation="relu"),
-        layers.MaxPooling2D((2, 2)),
-        layers.BatchNormalization(momentum=0.9),
-        layers.Conv2D(64, (3, 3), padding="same", activation="relu"),
-        layers.MaxPooling2D((2, 2)),
-        layers.BatchNormalization(momentum=0.9),
-        layers.Dropout(0.1),
-        layers.Flatten(),
-        layers.Dense(128, activation="relu"),
-        layers.BatchNormalization(momentum=0.9),
-        layers.Dropout(0.3),
-    ]
-
-
-ARCHITECTURES = {"seed": seed_layers, "improved": improved_layers}
-# A model's name is what its .keras file declares about it, and predict reads it (in one place,
-# fashion_shop/models.py): fashion_mnist_cnn[_improved], then MIRRORED if it was trained on
-# mirror images too (--augment), so that predict shows it each photo both ways.
+# fashion_mnist_cnn[_improved][_mirrored]: predict reads from the name what the model learned.
 MIRRORED = "_mirrored"
 
 
-def compile_model(model, optimizer, steps_per_execution=1):
-    """The recipe's loss and metric, for every model the program trains."""
+def hidden_layers(layers, arch):
+    """seed: the design's (93,322 parameters); improved: with BatchNorm, settling within a short run
+    at momentum 0.9, and light Dropout (422,538), of the kind the benchmark lists at about 93%."""
+    if arch == "seed":
+        return [
+            layers.Conv2D(32, (3, 3), activation="relu"), layers.MaxPooling2D((2, 2)),
+            layers.Conv2D(64, (3, 3), activation="relu"), layers.MaxPooling2D((2, 2)),
+            layers.Conv2D(64, (3, 3), activation="relu"),
+            layers.Flatten(), layers.Dense(64, activation="relu"),
+        ]  # fmt: skip
+    return [
+        layers.Conv2D(32, (3, 3), padding="same", activation="relu"), layers.MaxPooling2D((2, 2)),
+        layers.BatchNormalization(momentum=0.9),
+        layers.Conv2D(64, (3, 3), padding="same", activation="relu"), layers.MaxPooling2D((2, 2)),
+        layers.BatchNormalization(momentum=0.9), layers.Dropout(0.1),
+        layers.Flatten(), layers.Dense(128, activation="relu"),
+        layers.BatchNormalization(momentum=0.9), layers.Dropout(0.3),
+    ]  # fmt: skip
+
+
+def compile_model(model, optimizer, steps_per_execution=1):  # for every model trained here
     loss = "sparse_categorical_crossentropy"
     model.compile(optimizer, loss, metrics=["accuracy"], steps_per_execution=steps_per_execution)
     return model
@@ -458,21 +292,17 @@ def compile_model(model, optimizer, steps_per_execution=1):
 def build_model(
     precision="float32", arch="seed", steps_per_execution=32, total_steps=None, mirrored=False
 ):
-    """The CNN, compiled with Adam: by default exactly the design's (93,322 parameters). The
-    improved model's rate falls from IMPROVED_LEARNING_RATE to zero over total_steps.
-    steps_per_execution batches run per call into TensorFlow, which changes nothing but speed."""
+    """The CNN with Adam (improved: at a rate falling to 0 over total_steps)."""
     import keras
     from keras import layers
 
     previous_policy = keras.config.dtype_policy()
-    if precision == "bfloat16":
-        # Weights and Adam stay float32; only the arithmetic runs in bf16.
+    if precision == "bfloat16":  # weights and Adam stay float32; only the arithmetic is bf16
         keras.config.set_dtype_policy("mixed_bfloat16")
     name = "fashion_mnist_cnn" if arch == "seed" else f"fashion_mnist_cnn_{arch}"
     try:  # in this order: each layer draws the seed of its initial weights as it is made
-        stack = [keras.Input((28, 28, 1)), *ARCHITECTURES[arch](layers)]
-        # Softmax and loss in float32 whatever the policy, for stable probabilities.
-        stack.append(layers.Dense(10, activation="softmax", dtype="float32"))
+        stack = [keras.Input((28, 28, 1)), *hidden_layers(layers, arch)]
+        stack.append(layers.Dense(10, activation="softmax", dtype="float32"))  # stable in bf16 too
         model = keras.Sequential(stack, name=name + MIRRORED * mirrored)
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -483,9 +313,7 @@ def build_model(
 
 
 def in_halves(model):
-    """The same model and weights, fed each batch as two halves that run side by side on two
-    cores; joined before the loss, so loss, gradients and Adam's steps are the whole batch's,
-    up to rounding. It shares the model's optimizer, so the model is saved with its state."""
+    """The model fed two halves of each batch side by side, joined before the loss: same steps."""
     import keras
 
     first, second = keras.Input((28, 28, 1)), keras.Input((28, 28, 1))
@@ -503,9 +331,7 @@ STOP_SIGNALS = {signal.SIGINT: "Interrupted", signal.SIGTERM: "Terminated"}
 
 @contextlib.contextmanager
 def stop_gracefully(model=None, then="finishing this step, then saving", file=None):
-    """First Ctrl-C or SIGTERM: set state["signal"] (and stop the model's training after this
-    step), for the caller to finish as `then` says. A second: quit at once; files already
-    written stay whole, being written atomically."""
+    """A first Ctrl-C or SIGTERM sets state["signal"] (and stops training), a second quits."""
     state = {"signal": None}
 
     def handle(signum, frame):
@@ -530,14 +356,11 @@ def new_progress():
 
 
 def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, back_up=None):
-    """Fit the model one epoch at a time, each on epoch_data(epoch), from the epochs that
-    `progress` (a backup's) has completed, calling back_up(progress) after each. Returns the
-    progress (history, epochs completed, seconds) and the signal that cut it short, or None."""
+    """Fit from `progress` on, an epoch at a time on epoch_data(epoch), back_up after each."""
     import keras
 
     progress = progress or new_progress()
-    # A fit() per epoch, so that each epoch's batches are made for it; this callback ends each
-    # fit() after its epoch, while the progress bar still counts to `epochs`.
+    # A fit() per epoch, on batches made for it, ended by this, its progress bar counting to epochs.
     one_epoch = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True)
     )
@@ -553,8 +376,7 @@ def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, ba
                 initial_epoch=epoch,
                 epochs=epochs,
                 shuffle=False,  # each epoch's batches come in their own order already
-                # A progress bar for people, one line per epoch for logs and pipes.
-                verbose=1 if sys.stdout.isatty() else 2,
+                verbose=1 if sys.stdout.isatty() else 2,  # a progress bar, or a line an epoch
                 callbacks=[one_epoch, keras.callbacks.CSVLogger(log, append=True)],
             ).history
             progress["train_seconds"] += time.perf_counter() - start
@@ -576,17 +398,14 @@ def confusion_matrix(true, predicted):
 
 
 def per_class_accuracy(confusion, only_present=False):
-    """Each class's share of its images predicted right, to 4 digits (0 for a class with none,
-    or with only_present, the classes that have images only)."""
+    """Each class's share predicted right (0 for a class without images; or only_present ones)."""
     counts = confusion.sum(axis=1)
     accuracy = (confusion.diagonal() / np.maximum(counts, 1)).round(4).tolist()
     return {CLASS_NAMES[c]: accuracy[c] for c in range(10) if counts[c] or not only_present}
 
 
 def evaluate(model, test_data, y_test):
-    """Test loss and accuracy, the probabilities, and accuracy per class, in one pass of
-    predict_on_batch: the loss agrees with model.evaluate's to about 1e-7, and model.predict
-    would first trace a copy of the model per step of an execution (benchmarks/README.md)."""
+    """Test scores by predict_on_batch: predict would first trace a model per step of a call."""
     import keras
 
     probabilities = np.concatenate([model.predict_on_batch(x) for x, _ in test_data])
@@ -603,12 +422,11 @@ def evaluate(model, test_data, y_test):
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures: what the model learned, for people.
+# Figures: what the model learned, for people (save_figure lays each out).
 
 
 def use_windows(show):
-    """Whether figures open in a window: only where asked and a display exists; elsewhere
-    matplotlib draws into files only (Agg), which works on servers and in CI."""
+    """Whether figures open in windows, where asked and possible; else Agg: files only."""
     import matplotlib
 
     display = any(os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY"))
@@ -619,7 +437,6 @@ def use_windows(show):
 
 
 def plot_predictions(images, labels, probabilities):
-    """Each sample image with its predicted class and confidence, beside all ten probabilities."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
@@ -638,24 +455,16 @@ def plot_predictions(images, labels, probabilities):
         bars.set_xlim(0, 1)
         bars.xaxis.set_major_formatter(PercentFormatter(1.0))
     fig.suptitle("Predictions on test images (green: right, red: wrong)")
-    fig.tight_layout()
     return fig
 
 
-def most_confident_mistakes(labels, probabilities):
-    """Indices of the wrongly predicted images, the most confident first."""
-    predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != labels)
-    return wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
-
-
 def plot_mistakes(images, labels, probabilities, count=16):
-    """The test images the model gets most confidently wrong, with true and predicted class:
-    where to look for confusable classes (shirt or T-shirt?) and for doubtful labels."""
+    """Where to look for confusable classes (shirt or T-shirt?) and for doubtful labels."""
     import matplotlib.pyplot as plt
 
     predicted = probabilities.argmax(axis=1)
-    worst = most_confident_mistakes(labels, probabilities)[:count]
+    wrong = np.flatnonzero(predicted != labels)  # the most confident first:
+    worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:count]
     rows = max(1, math.ceil(len(worst) / 4))
     fig, axes = plt.subplots(rows, 4, figsize=(10, 2.9 * rows + 0.6), squeeze=False)
     for ax in axes.flat:
@@ -667,7 +476,6 @@ def plot_mistakes(images, labels, probabilities, count=16):
         ax.set_title(title, fontsize=9, color="tab:red")
     title = "Most confident mistakes on the test set: predicted (confidence), true class"
     fig.suptitle(title if len(worst) else "No mistakes on the test set")
-    fig.tight_layout()
     return fig
 
 
@@ -685,7 +493,6 @@ def plot_training_curves(history):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Training curves")
-    fig.tight_layout()
     return fig
 
 
@@ -701,15 +508,13 @@ def plot_confusion_matrix(confusion):
     ax.set_yticks(range(10), CLASS_NAMES)
     title = f"Confusion matrix on the test set ({confusion.sum():,} images)"
     ax.set(xlabel="Predicted class", ylabel="True class", title=title)
-    fig.tight_layout()
     return fig
 
 
 # ----------------------------------------------------------------------------------------------
-# Compute: where the model runs and how, chosen from the devices and the CPU's features; the
-# run's header line shows the choices and metrics.json records them with their reasons.
+# Compute: device, precision, halves, threads, from the machine; metrics.json says why of each.
 
-# ONEDNN_MAX_CPU_ISA values that keep oneDNN from AVX-512, or from its bf16 instructions.
+# ONEDNN_MAX_CPU_ISA values that keep oneDNN from AVX-512, or from bf16.
 BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
 BELOW_BF16 = BELOW_AVX512 | {"AVX512_CORE", "AVX512_CORE_VNNI"}
 # A CPU's class, which decides the fastest kernels: the first whose flags it has all of.
@@ -724,9 +529,7 @@ CPU_CLASSES = [
 
 
 def cpu_info(text=None, machine=None):
-    """The CPU's model name and feature flags, less those that ONEDNN_MAX_CPU_ISA forbids
-    oneDNN (so ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512 CPU compute, and choose, as AVX2).
-    text is /proc/cpuinfo's (read when None), machine platform.machine()'s: both can be faked."""
+    """The CPU's name and flags, less those ONEDNN_MAX_CPU_ISA forbids; text: /proc/cpuinfo's."""
     if text is None:
         cpuinfo = Path("/proc/cpuinfo")
         text = cpuinfo.read_text() if cpuinfo.is_file() else ""  # none on macOS, Windows
@@ -749,17 +552,12 @@ def cpu_class(flags):
     return found[0] if found else ("older than AVX2" if flags else "features unknown")
 
 
-def cpu_cores():
-    """The cores this process may use (os.cpu_count() where affinity is unknown, or 1)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def cpu_cores():  # those this process may use
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def choose_onednn(flags, bfloat16=False):
-    """Turn on TensorFlow's oneDNN kernels wherever the CPU has AVX2 (TensorFlow does only from
-    AVX-512), but not for bf16 below AVX-512, where only TensorFlow's own kernels have bf16
-    convolutions. Must run before TensorFlow is imported; TF_ENABLE_ONEDNN_OPTS still wins."""
+    """oneDNN from AVX2 on (TF's from AVX-512), but for bf16 below AVX-512; before TF loads."""
     if "avx2" in flags:
         below_avx512 = bfloat16 and "avx512f" not in flags
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0" if below_avx512 else "1")
@@ -770,7 +568,6 @@ def onednn_setting():
 
 
 def find_gpus():
-    """The GPUs TensorFlow will compute on: name and compute capability of each."""
     import tensorflow as tf
 
     gpus = []
@@ -782,18 +579,14 @@ def find_gpus():
 
 
 def native_bf16(gpus, flags):
-    """Does this machine compute bf16 natively: its first GPU (from compute capability 8.0) or,
-    without one, its CPU (AVX512_BF16 or AMX)?"""
+    """Whether the first GPU (from compute capability 8.0), or else the CPU, has native bf16."""
     if gpus:
         return gpus[0]["compute_capability"] >= (8, 0)
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
-    """Where to train and how: device, precision, batches whole or in halves (in_halves),
-    threads, and under "why" the reason for each. gpus as find_gpus() returns them, cpu as
-    cpu_info(). Halves were measured to pay on 2 cores only, BatchNorm needs the whole batch,
-    and oneDNN refuses the empty half of a batch of one image."""
+    """Device, precision, batches whole or in halves, threads, and "why" of each."""
     model_name, flags = cpu
     native = native_bf16(gpus, flags)
     if gpus:  # without a distribution strategy, TensorFlow computes on the first GPU
@@ -801,35 +594,34 @@ def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
         device = f"GPU ({gpus[0]['name']})"
         bf16 = "native" if native else "native only from 8.0, so float32"
         why_precision = f"compute capability {major}.{minor}: bf16 is {bf16}"
-        whole = ["on a GPU a whole batch is one kernel per layer already"]
     else:
         device = f"CPU ({model_name}, {cpu_class(flags)}, {cores} cores)"
         bf16 = "computes bf16 natively" if native else "has no native bf16, so float32"
         why_precision = f"the CPU {bf16}"
-        one_left = n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1
-        rules = [
-            (args.no_split, "--no-split"),
-            (cores != 2, f"{cores} core(s), and halves are measured to pay on 2"),
-            (args.arch != "seed", "--arch improved (BatchNorm needs the whole batch)"),
-            (args.batch_size < 2, "batches of one image"),
-            (one_left, "a batch of one image"),
-        ]
-        whole = ["whole batches: " + reason for applies, reason in rules if applies]
+    one_left = n_fit % args.batch_size == 1 or n_held_out % EVAL_BATCH_SIZE == 1
+    rules = [  # why batches stay whole; the first that applies is told
+        (gpus, "on a GPU a whole batch is one kernel per layer already"),
+        (args.no_split, "whole batches: --no-split"),
+        (cores != 2, f"whole batches: {cores} core(s), and halves are measured to pay on 2"),
+        (args.arch != "seed", "whole batches: --arch improved (BatchNorm needs the whole batch)"),
+        (args.batch_size < 2, "whole batches: batches of one image"),
+        (one_left, "whole batches: a batch of one image"),
+    ]
+    whole = [reason for applies, reason in rules if applies]
     precision = "bfloat16" if native else "float32"
     if args.precision != "auto":
         precision, why_precision = args.precision, f"--precision {args.precision}"
-    threads = None if whole else {"intra_op": cores // 2, "inter_op": 2}
     halves = "2 cores, the classic model: two halves side by side, the same results"
-    own_threads = "TensorFlow's own" + " on a GPU" * bool(gpus)
     why = {"precision": why_precision, "split_batches": whole[0] if whole else halves}
-    why["threads"] = own_threads if whole else "half the cores for each half"
+    own = "TensorFlow's own" + " on a GPU" * bool(gpus)
+    why["threads"] = own if whole else "half the cores for each half"
+    threads = None if whole else {"intra_op": cores // 2, "inter_op": 2}
     chosen = {"device": device, "precision": precision, "split_batches": not whole}
     return chosen | {"threads": threads, "onednn": onednn, "why": why}
 
 
 def apply_threads(threads):
-    """Set TensorFlow's thread pools before its first operation; TF_NUM_INTRAOP_THREADS and
-    TF_NUM_INTEROP_THREADS set by the user still win."""
+    """Before TensorFlow's first operation; the user's TF_NUM_*_THREADS win."""
     import tensorflow as tf
 
     if threads and "TF_NUM_INTRAOP_THREADS" not in os.environ:
@@ -839,20 +631,16 @@ def apply_threads(threads):
 
 
 # ----------------------------------------------------------------------------------------------
-# Save and continue: every file is written whole or not at all, and a run stopped by anything
-# (kill -9, the OOM killer, a preempted machine) goes on from its last completed epoch to an
-# unbroken run's numbers. backup/ holds, from the start and after each epoch, the weights with
-# Adam's state, the Dropout layers' random state and the history; state.json names the weights
-# file and is replaced last. By hand: Keras' BackupAndRestore leaves out the random state and
-# checks nothing it reads back.
+# Save and continue: files are written whole or not at all, and a run stopped by anything (kill
+# -9) goes on from its last epoch to an unbroken run's numbers: backup/ holds the weights, Adam's
+# and the Dropout layers' random state, all checked. Keras' BackupAndRestore keeps no random state.
 
 BACKUP_FORMAT = 1  # what backup/ holds; a backup in another format is refused
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name beside `path`, renamed onto it once written, so that a crash or a
-    second Ctrl-C never leaves half a file. It keeps the suffix, which Keras needs."""
+    """A name beside `path` (with its suffix, which Keras needs), renamed onto it once written."""
     temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         yield temporary
@@ -867,12 +655,13 @@ def save_json(data, path):
 
 
 def save_figure(fig, path):
+    fig.tight_layout()
     with atomic_path(path) as temporary:
         fig.savefig(temporary, dpi=100)
 
 
 def fingerprint(*arrays):
-    """A short hash of the arrays' contents: a run continues only on the data it started on."""
+    """A short hash of the contents: a run continues only on the data it started on."""
     digest = hashlib.blake2b(digest_size=16)
     for array in arrays:
         digest.update(np.ascontiguousarray(array))
@@ -885,29 +674,28 @@ def file_sha256(path):
 
 
 def state_checksum(state):
-    """The checksum state.json carries of the rest of itself: a changed one is refused."""
+    """state.json's checksum of the rest of itself: a changed one is refused."""
     rest = {key: value for key, value in state.items() if key != "checksum"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def unfinished_runs(command):
-    """The run folders under runs/ that `command` left unfinished, and their backups' states,
-    the newest first; a state that cannot be read comes as None (read_backup says why)."""
+    """`command`'s unfinished runs under runs/, newest first: (folder, state or None if unread)."""
     found = []
-    for path in Path("runs").glob("*/backup/state.json"):
+    paths = Path("runs").glob("*/backup/state.json")
+    for path in sorted(paths, key=os.path.getmtime, reverse=True):
         try:
             state = json.loads(path.read_text())
             ours = state.get("command", command) == command
         except (OSError, ValueError, AttributeError):
-            state, ours = None, True
+            state, ours = None, True  # read_backup says why
         if ours:
-            found.append((path.stat().st_mtime, path.parent.parent, state))
-    return [(folder, state) for _, folder, state in sorted(found, key=lambda f: f[0], reverse=True)]
+            found.append((path.parent.parent, state))
+    return found
 
 
 def can_go_on(state, epochs):
-    """Whether the same command may continue this backup's run by itself: the process that
-    wrote it has ended (no two runs in one folder), and it has not done more than `epochs`."""
+    """Whether the same command may go on with this run: its process ended, not past `epochs`."""
     if not isinstance(state, dict) or state.get("progress", {}).get("epochs_completed", 0) > epochs:
         return False
     pid = state.get("pid")
@@ -915,72 +703,40 @@ def can_go_on(state, epochs):
         return True
     try:
         os.kill(pid, 0)  # signal 0 only asks whether the process is there
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's process
-        return False
+    except OSError as error:  # ESRCH: it has ended; EPERM: another user's, still going
+        return error.errno == errno.ESRCH
     return False
 
 
-def newest_unfinished_run(command):
-    """What --resume continues: the run folder under runs/ backed up last by `command`."""
-    runs = unfinished_runs(command)
-    if not runs:
-        raise UserError(f"--resume: no unfinished {command} run under runs/ to continue")
-    return runs[0][0]
-
-
-def check_out_dir(out_dir, overwrite=False, resume=False):
-    """Refuse an --out-dir this run cannot use before any heavy work, making nothing."""
+def check_out_dir(out_dir, overwrite=False, resume=False, make=False):
+    """Refuse an --out-dir this run cannot use, before any heavy work; make it only if asked."""
     if out_dir is None:
         return
     unfinished = (out_dir / "backup" / "state.json").exists()
     if resume and not unfinished:
         raise UserError(f"--resume: {out_dir} holds no unfinished run to continue")
-    if (out_dir / "metrics.json").exists() and not (overwrite or unfinished):
+    if not (overwrite or unfinished) and (out_dir / "metrics.json").exists():
         raise UserError(f"--out-dir {out_dir} holds a finished run; pass --overwrite to replace it")
-    if (out_dir / "model.keras").exists() and not (overwrite or unfinished):
-        # A model put there by hand, perhaps the very one being fine-tuned.
-        raise UserError(
-            f"--out-dir {out_dir} holds a model.keras that this run would replace; give another "
-            "--out-dir, or --overwrite to replace it"
-        )
+    if not (overwrite or unfinished) and (out_dir / "model.keras").exists():  # put there by hand
+        held = f"--out-dir {out_dir} holds a model.keras that this run would replace"
+        raise UserError(f"{held}; give another --out-dir, or --overwrite to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out-dir {out_dir}: a file, not a folder")
-    nearest = next(folder for folder in (out_dir, *out_dir.parents) if folder.exists())
     try:
+        if make:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        nearest = next(folder for folder in (out_dir, *out_dir.parents) if folder.exists())
         tempfile.TemporaryFile(dir=nearest).close()
     except OSError as error:
         raise UserError(f"--out-dir {out_dir}: cannot write there ({error.strerror})") from None
 
 
-def prepare_out_dir(out_dir, overwrite, suffix="", resume=False, command="training"):
-    """Create the run folder, or find the one to continue (read_backup checks it): a default
-    one is new per run, so no run overwrites another; --resume takes the newest unfinished."""
-    if out_dir is None and resume:
-        out_dir = newest_unfinished_run(command)
-    elif out_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + suffix
-        out_dir, n = Path("runs") / stamp, 1
-        while out_dir.exists():
-            n += 1
-            out_dir = Path("runs") / f"{stamp}-{n}"
-    check_out_dir(out_dir, overwrite, resume)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as error:
-        raise UserError(f"--out-dir {out_dir}: cannot write there ({error.strerror})") from None
-    return out_dir
-
-
 def read_backup(out_dir, command, options, epochs):
-    """The backup of the run to continue in out_dir (None if it holds none), checked before
-    anything is changed: one that is damaged, another version's, or made with other options
-    than `options` is refused with one line."""
+    """out_dir's backup, if any, refused if damaged, foreign, with other options or epochs."""
     path = out_dir / "backup" / "state.json"
     if not path.exists():
         return None
+    problem = None
     try:
         state = json.loads(path.read_text())
         weights = out_dir / "backup" / str(state.get("weights"))
@@ -990,19 +746,15 @@ def read_backup(out_dir, command, options, epochs):
             problem = "backup/state.json has been changed or damaged"
         elif not weights.is_file() or file_sha256(weights) != state["weights_sha256"]:
             problem = f"{weights.name} is missing or damaged"
-        else:
-            problem = None
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         problem = "backup/state.json cannot be read"
     if problem:
         raise UserError(f"{out_dir} cannot be continued: {problem}; to start over, add --overwrite")
     if state["command"] != command:
-        raise UserError(
-            f"{out_dir} holds an unfinished {state['command']} run, not a {command} one"
-        )
+        other = f"{state['command']} run, not a {command} one"
+        raise UserError(f"{out_dir} holds an unfinished {other}")
     for name, value in options.items():
-        started = state["options"].get(name)
-        if started == value:
+        if (started := state["options"].get(name)) == value:
             continue
         if isinstance(value, bool):
             was = f"{'with' if started else 'without'} {name}"
@@ -1029,25 +781,30 @@ class Run(NamedTuple):
 
 
 def open_run(args, command, options, suffix=""):
-    """The run's folder (new, or the one to continue) and its backup, checked before anything
-    is changed; says so when it continues one. Without --out-dir, the same command continues
-    the newest unfinished run under runs/ with the same options, as a user expects after any
-    stop, even a kill -9 that printed nothing; --overwrite starts a new one instead."""
-    out_dir, same = args.out_dir, ""
-    if out_dir is None and not (args.resume or args.overwrite):
+    """The run's folder and backup: --out-dir, --resume's newest unfinished run, else the newest
+    with the same options (a kill -9 says nothing: the same command goes on), else a new one."""
+    out_dir, found = args.out_dir, False
+    if out_dir is None and args.resume:
         runs = unfinished_runs(command)
-        like = [
-            folder
-            for folder, state in runs
-            if can_go_on(state, args.epochs) and state.get("options") == options
-        ]
-        if like:
-            out_dir = like[0]
-            same = " (an unfinished run with the same options; --overwrite starts anew)"
-    out_dir = prepare_out_dir(out_dir, args.overwrite, suffix, args.resume, command)
+        if not runs:
+            raise UserError(f"--resume: no unfinished {command} run under runs/ to continue")
+        out_dir = runs[0][0]
+    elif out_dir is None and not args.overwrite:
+        for folder, state in unfinished_runs(command):
+            if can_go_on(state, args.epochs) and state.get("options") == options:
+                out_dir, found = folder, True
+                break
+    if out_dir is None:  # one per run, so that no run overwrites another
+        stamp = time.strftime("%Y%m%d-%H%M%S") + suffix
+        out_dir, n = Path("runs") / stamp, 1
+        while out_dir.exists():
+            n += 1
+            out_dir = Path("runs") / f"{stamp}-{n}"
+    check_out_dir(out_dir, args.overwrite, args.resume, make=True)
     backup = None if args.overwrite else read_backup(out_dir, command, options, args.epochs)
     if backup:
         done = backup["progress"]["epochs_completed"]
+        same = " (an unfinished run with the same options; --overwrite starts anew)" * found
         if done == args.epochs:
             print(f"Continuing {out_dir}: its {done} epochs are done; evaluating and saving{same}")
         else:
@@ -1056,25 +813,24 @@ def open_run(args, command, options, suffix=""):
 
 
 def random_state(model):
-    """The model's variables beyond its weights: the Dropout layers' seed state, which decides
-    the next dropout masks and which save_weights leaves out."""
+    """The Dropout layers' seed state, which save_weights leaves out."""
     weights = {id(weight) for weight in model.weights}
     return [variable for variable in model.variables if id(variable) not in weights]
 
 
-def save_backup(model, out_dir, command, options, progress):
-    folder = out_dir / "backup"
+def save_backup(model, run, progress):
+    folder = run.out_dir / "backup"
     folder.mkdir(exist_ok=True)
     weights = folder / f"epoch-{progress['epochs_completed']}.weights.h5"
-    # h5py cannot close a file the disk had no room for, and HDF5 then crashes the program as
-    # it exits: room for the weights and the optimizer's state is made sure of first.
+    # Room first: h5py cannot close a file the disk had no room for, and HDF5 crashes at exit.
     variables = model.weights + list(getattr(model.optimizer, "variables", []))
     size = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
     if shutil.disk_usage(folder).free < 2 * size + 2**20:
         raise OSError(errno.ENOSPC, "No space left on device", str(weights))
     model.save_weights(weights)  # with the optimizer's state
-    state = {"format": BACKUP_FORMAT, "command": command, "options": options, "progress": progress}
-    state |= {"weights": weights.name, "weights_sha256": file_sha256(weights), "pid": os.getpid()}
+    state = {"format": BACKUP_FORMAT, "command": run.command, "options": run.options}
+    state |= {"progress": progress, "weights": weights.name, "weights_sha256": file_sha256(weights)}
+    state["pid"] = os.getpid()
     state["random_state"] = [variable.numpy().tolist() for variable in random_state(model)]
     save_json(state | {"checksum": state_checksum(state)}, folder / "state.json")
     for old in folder.glob("*.weights.h5"):
@@ -1083,57 +839,43 @@ def save_backup(model, out_dir, command, options, progress):
 
 
 def remove_backup(out_dir):
-    # state.json first: without it there is no backup, whatever a kill leaves of the rest.
+    # state.json first: without it there is no backup, whatever a kill leaves.
     (out_dir / "backup" / "state.json").unlink(missing_ok=True)
     shutil.rmtree(out_dir / "backup", ignore_errors=True)
 
 
-def restore_or_start(model, out_dir, command, options, backup):
-    """The progress to train from: the backup's, with its weights, Adam's state and random
-    state put back into the model; or, with no backup, none, and a first backup made."""
+def train_run(model, run, epoch_data, validation_data, epochs, halves=False):
+    """train() from the run's backup (put back into the model), or a first one, backing it up."""
     if not model.optimizer.built:  # else Keras would skip the backup's optimizer state
         model.optimizer.build(model.trainable_variables)
-    history = out_dir / "history.csv"
-    if backup is None:
-        remove_backup(out_dir)
+    history, progress = run.out_dir / "history.csv", new_progress()
+    if run.backup is None:
+        remove_backup(run.out_dir)
         history.unlink(missing_ok=True)
-        progress = new_progress()
-        save_backup(model, out_dir, command, options, progress)
-        return progress
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # Keras only warns when it skips a part of the file
-            model.load_weights(out_dir / "backup" / backup["weights"])
-        for variable, value in zip(random_state(model), backup["random_state"], strict=True):
-            variable.assign(value)
-    except (ValueError, OSError, KeyError, Warning):  # Keras' reasons run to many lines
-        raise UserError(
-            f"{out_dir} cannot be continued: its backup does not fit this model; to start over, "
-            "add --overwrite"
-        ) from None
-    done = backup["progress"]["epochs_completed"]
-    if history.exists():  # back to its rows of the completed epochs; CSVLogger appends to it
-        rows = history.read_text().splitlines(keepends=True)
-        with atomic_path(history) as temporary:
-            temporary.write_text("".join(rows[: 1 + done]))
-    return backup["progress"] | {"continued_from_epoch": done}
-
-
-def train_run(model, run, epoch_data, validation_data, epochs, halves=False):
-    """train() from where the run's backup left the model (or from the start), backing it up
-    after each epoch; with halves, each batch as two halves side by side."""
-    progress = restore_or_start(model, run.out_dir, run.command, run.options, run.backup)
+        save_backup(model, run, progress)
+    else:
+        try:
+            with warnings.catch_warnings(action="error"):  # Keras only warns when it skips a part
+                model.load_weights(run.out_dir / "backup" / run.backup["weights"])
+            seeds = run.backup["random_state"]
+            for variable, value in zip(random_state(model), seeds, strict=True):
+                variable.assign(value)
+        except (ValueError, OSError, KeyError, Warning):  # Keras' reasons run to many lines
+            why = f"{run.out_dir} cannot be continued: its backup does not fit this model"
+            raise UserError(f"{why}; to start over, add --overwrite") from None
+        done = run.backup["progress"]["epochs_completed"]
+        if history.exists():  # back to its rows of the completed epochs; CSVLogger appends to it
+            rows = history.read_text().splitlines(keepends=True)
+            with atomic_path(history) as temporary:
+                temporary.write_text("".join(rows[: 1 + done]))
+        progress = run.backup["progress"] | {"continued_from_epoch": done}
     trainer = in_halves(model) if halves else model
-
-    def back_up(progress):
-        save_backup(model, run.out_dir, run.command, run.options, progress)
-
+    back_up = functools.partial(save_backup, model, run)
     return train(trainer, epoch_data, validation_data, epochs, run.out_dir, progress, back_up)
 
 
 def finish_run(run, model, progress, stop_signal, results, details, saved):
-    """Save the model and metrics.json (results, the run's progress, then details), say what was
-    `saved` where, and drop the backup, or keep it where a signal stopped the run; the exit code."""
+    """Save model and metrics.json, drop the backup unless a signal stopped the run; exit code."""
     with atomic_path(run.out_dir / "model.keras") as temporary:
         model.save(temporary)
     done = progress["epochs_completed"]
@@ -1152,12 +894,110 @@ def finish_run(run, model, progress, stop_signal, results, details, saved):
 
 
 # ----------------------------------------------------------------------------------------------
-# Main
+# The command line: arguments (a bad value is one line, before TensorFlow loads), then the run.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block that buries the mistake
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default that depends on others is said in words
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def checked(convert, accept, expected):
+    """An argparse type: convert(text), kept where accept(value) holds, else one line."""
+
+    def parse(text):
+        with contextlib.suppress(ValueError):
+            value = convert(text)
+            if value is not None and accept(value):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+    return parse
+
+
+def digits(text):
+    return int(text) if text.isdigit() else None  # no signs, no spaces
+
+
+positive_int = checked(
+    lambda t: digits(t.strip().lstrip("+")), lambda n: n >= 1, "a whole number of at least 1"
+)
+# NumPy's seeding, which Keras' set_random_seed uses too, takes 0 to 2**32 - 1 only.
+seed_value = checked(digits, lambda n: n < 2**32, "a whole number from 0 to 2**32 - 1")
+sample_index = checked(digits, lambda n: True, "a test image index (0, 1, ...)")
+
+
+def share_of_one(zero_allowed=False):
+    if zero_allowed:
+        return checked(float, lambda x: 0 <= x < 1, "a number from 0 to below 1")
+    return checked(float, lambda x: 0 < x < 1, "a number between 0 and 1")
+
+
+def add_run_folder_options(parser, what="the model, metrics and figures", suffix=""):
+    where = f"where {what} go (default: a new runs/<timestamp>{suffix}/)"
+    parser.add_argument("--out-dir", type=Path, help=where)
+    either = parser.add_mutually_exclusive_group()
+    again = "start over, in --out-dir or a new folder (else an unfinished run is continued)"
+    either.add_argument("--overwrite", action="store_true", help=again)
+    newest = "continue the newest unfinished run under runs/, or --out-dir's"
+    either.add_argument("--resume", action="store_true", help=newest)
+
+
+def parse_train_args(argv):
+    parser = ArgumentParser(
+        prog="fashion_mnist_cnn.py",
+        usage="%(prog)s [options]  (train)\n       %(prog)s {predict,finetune,export} ...",
+        description="Train the classic small CNN on Fashion-MNIST and show what it learned.",
+        epilog="Then, with the model.keras it writes: predict MODEL PATH... classifies your "
+        "photos, finetune MODEL FOLDER adapts it to them, export MODEL writes it for TF Serving, "
+        "phones and onnxruntime (see each one's --help).",
+        formatter_class=HelpFormatter,
+    )
+    option = parser.add_argument_group("the recipe").add_argument
+    epochs = f"training epochs (default: {EPOCHS}; {AUGMENT_EPOCHS} with --augment)"
+    option("--epochs", type=positive_int, help=epochs)
+    batch = f"batch size (default: {BATCH_SIZE}; {IMPROVED_BATCH_SIZE} with --arch improved)"
+    option("--batch-size", type=positive_int, help=batch)
+    held_out = "share of the training set held out (at random) to validate each epoch"
+    option("--validation-split", type=share_of_one(), default=VALIDATION_SPLIT, help=held_out)
+    option("--seed", type=seed_value, default=SEED, help="random seed, so runs repeat")
+    improved = "seed: the classic CNN; improved: with BatchNorm and Dropout, batches of "
+    improved += f"{IMPROVED_BATCH_SIZE}, a rate from {IMPROVED_LEARNING_RATE} falling on a cosine"
+    option("--arch", choices=["seed", "improved"], default="seed", help=improved)
+    mirror = "mirror half the training images at random each epoch; predict shows photos both ways"
+    option("--augment", action="store_true", help=mirror)
+    files = parser.add_argument_group("files")
+    from_dir = "read the four Fashion-MNIST IDX files (.gz or not) from DIR, not the download"
+    files.add_argument("--data-dir", type=Path, help=from_dir)
+    add_run_folder_options(files)
+    shown = "test images to show in predictions.png"
+    option = files.add_argument
+    option("--samples", type=sample_index, nargs="+", default=SAMPLES, metavar="INDEX", help=shown)
+    option("--no-show", action="store_true", help="never open a figure window")
+    option = parser.add_argument_group("compute").add_argument
+    native = "auto: bfloat16 mixed precision where the CPU computes bf16 natively, else float32"
+    option("--precision", choices=["auto", "float32", "bfloat16"], default="auto", help=native)
+    whole = "train on whole batches, not two halves side by side as on 2 cores (same results)"
+    option("--no-split", action="store_true", help=whole)
+    # A mistyped command, or one after the options, lands here (the right ones never do).
+    parser.add_argument("command", nargs="?", choices=COMMANDS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.command:
+        parser.error(f"{args.command} comes first: fashion_mnist_cnn.py {args.command} ...")
+    del args.command  # so metrics.json's config holds the options alone
+    args.epochs = args.epochs or (AUGMENT_EPOCHS if args.augment else EPOCHS)
+    if args.batch_size is None:
+        args.batch_size = IMPROVED_BATCH_SIZE if args.arch == "improved" else BATCH_SIZE
+    return args
 
 
 def run_training(args):
-    """Load and scale Fashion-MNIST, build the CNN, fit it with 20% held out, print the test
-    accuracy, plot two predictions, and save."""
+    """Load Fashion-MNIST, build the CNN, fit it with 20% held out, test it, plot, and save."""
     check_out_dir(args.out_dir, args.overwrite, args.resume)  # before the download
     (x_train, y_train), (x_test, y_test) = load_fashion_mnist(args.data_dir)
     fit, held_out = split_validation(len(x_train), args.validation_split, args.seed)
@@ -1171,10 +1011,8 @@ def run_training(args):
     show = use_windows(not args.no_show)
 
     keras = start_tensorflow_quietly()
-    cpu, gpus = cpu_info(), find_gpus()
-    compute = choose_compute(
-        args, len(fit), len(held_out), gpus, cpu, cpu_cores(), onednn_setting()
-    )
+    cpu, gpus, cores = cpu_info(), find_gpus(), cpu_cores()
+    compute = choose_compute(args, len(fit), len(held_out), gpus, cpu, cores, onednn_setting())
     apply_threads(compute["threads"])
     keras.utils.set_random_seed(args.seed)  # Python, NumPy and TensorFlow in one go
     precision, split = compute["precision"], compute["split_batches"]
@@ -1197,8 +1035,7 @@ def run_training(args):
     validation = batches(x_train, y_train, EVAL_BATCH_SIZE, held_out, halves=split)
     progress, stop_signal = train_run(model, run, epoch_data, validation, args.epochs, split)
     results = evaluate(model, batches(x_test, y_test, EVAL_BATCH_SIZE), y_test)
-    print(f"\nTest accuracy: {results['test_accuracy']:.4f}")
-    print(f"Test loss: {results['test_loss']:.4f}")
+    print(f"\nTest accuracy: {results['test_accuracy']:.4f}\nTest loss: {results['test_loss']:.4f}")
     print("\nPer-class test accuracy:")
     for name, accuracy in results["per_class_accuracy"].items():
         print(f"  {name:<12} {accuracy:7.2%}")
@@ -1229,10 +1066,8 @@ def run_shop_command(argv):
         command = importlib.import_module(f"fashion_shop.{argv[0]}")
     except ModuleNotFoundError as error:
         if error.name and error.name.startswith("fashion_shop"):
-            raise UserError(
-                f"{argv[0]} needs the fashion_shop package, which is not beside "
-                f"{Path(__file__).name}: get the whole project"
-            ) from None
+            beside = f"which is not beside {Path(__file__).name}: get the whole project"
+            raise UserError(f"{argv[0]} needs the fashion_shop package, {beside}") from None
         raise UserError(f"{argv[0]} needs {error.name}: pip install -r requirements.txt") from None
     return command.main(argv[1:])
 
@@ -1256,23 +1091,19 @@ def main(argv=None):
         print("\nInterrupted.", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # Whatever reads our output stopped reading (`| head`): stop quietly, as `cat` does, with
-        # the shell's code for SIGPIPE. stdout goes to /dev/null first, or Python's final flush
-        # of it fails again (the docs' recipe: "Note on SIGPIPE" in the signal module).
+        # `| head` stopped reading: quietly, as `cat`; stdout to /dev/null, or the last flush fails.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + 13  # 141, as for a process that SIGPIPE ended
+        return 128 + 13  # 141, the shell's code for a process that SIGPIPE ended
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        # Every file is written whole or not at all: the same command continues once there is room.
         full = "the disk is full; free some space and run the same command again: it continues"
-        print(f"error: {full}", file=sys.stderr)
+        print(f"error: {full}", file=sys.stderr)  # as every file is whole or not there
         return 1
 
 
 if __name__ == "__main__":
     code = main()
-    # TensorFlow leaves hundreds of thousands of objects; the collector's last passes over them
-    # took 0.6 s of every exit. Every file is closed by now, so they are left to the OS.
+    # The collector's last passes over TensorFlow's objects took 0.6 s: the OS frees them.
     gc.freeze()
     sys.exit(code)

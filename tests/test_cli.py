@@ -1,7 +1,7 @@
 """The program as users run it: arguments, whole runs, outputs, and every refusal."""
 
+import argparse
 import ast
-import datetime
 import gzip
 import hashlib
 import json
@@ -455,14 +455,10 @@ def test_augment_trains_the_classic_model_and_saves_it_without_augmentation(
 
 
 def test_two_runs_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
-    class Frozen(datetime.datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return datetime.datetime(2026, 11, 25, 16, 0, 0)
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(fm.datetime, "datetime", Frozen)
-    folders = [fm.prepare_out_dir(None, overwrite=False) for _ in range(3)]
+    monkeypatch.setattr(fm.time, "strftime", lambda format: "20261125-160000")
+    args = argparse.Namespace(out_dir=None, overwrite=False, resume=False, epochs=1)
+    folders = [fm.open_run(args, "training", {}).out_dir for _ in range(3)]
     assert [str(f) for f in folders] == [
         "runs/20261125-160000", "runs/20261125-160000-2", "runs/20261125-160000-3"
     ]  # fmt: skip

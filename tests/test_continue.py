@@ -261,11 +261,9 @@ def test_a_backup_holds_weights_adam_and_dropout_state_and_restores_them(tmp_pat
     images = distinct_images(labels)
     keras.utils.set_random_seed(0)
     model = fm.build_model("float32", "improved", total_steps=4)
-    options = {"--seed": 0}
-    progress = fm.restore_or_start(model, tmp_path, "training", options, None)
+    run = fm.Run(tmp_path, "training", {"--seed": 0}, None)
     epoch = lambda epoch: fm.batches(images, labels, 32, epoch_key=(0, epoch))  # noqa: E731
-    save = lambda progress: fm.save_backup(model, tmp_path, "training", options, progress)  # noqa: E731
-    progress, _ = fm.train(model, epoch, None, 1, tmp_path, progress, save)
+    fm.train_run(model, run, epoch, None, 1)
     state = [v.numpy() for v in model.variables + model.optimizer.variables]
 
     def crash(*args):
@@ -274,14 +272,15 @@ def test_a_backup_holds_weights_adam_and_dropout_state_and_restores_them(tmp_pat
     original, fm.save_json = fm.save_json, crash
     try:  # epoch 2's weights are written, its state.json never is
         with pytest.raises(OSError):
-            fm.train(model, epoch, None, 2, tmp_path, progress, save)
+            backup = fm.read_backup(tmp_path, "training", run.options, 2)
+            fm.train_run(model, run._replace(backup=backup), epoch, None, 2)
     finally:
         fm.save_json = original
     keras.utils.set_random_seed(0)
     fresh = fm.build_model("float32", "improved", total_steps=4)
-    backup = fm.read_backup(tmp_path, "training", options, 2)
+    backup = fm.read_backup(tmp_path, "training", run.options, 2)
     assert backup["progress"]["epochs_completed"] == 1
-    fm.restore_or_start(fresh, tmp_path, "training", options, backup)
+    fm.train_run(fresh, run._replace(backup=backup), epoch, None, 1)  # puts it back, trains none
     restored = [v.numpy() for v in fresh.variables + fresh.optimizer.variables]
     assert len(restored) == len(state) and int(fresh.optimizer.iterations) == 2
     for a, b in zip(state, restored):
@@ -321,7 +320,8 @@ def test_no_room_for_a_backup_is_found_before_h5py_starts_writing(tmp_path, monk
     real = shutil.disk_usage
     monkeypatch.setattr(fm.shutil, "disk_usage", lambda path: real(path)._replace(free=2**20))
     with pytest.raises(OSError) as raised:
-        fm.save_backup(fm.build_model("float32"), tmp_path, "training", {}, {"epochs_completed": 0})
+        run = fm.Run(tmp_path, "training", {}, None)
+        fm.save_backup(fm.build_model("float32"), run, {"epochs_completed": 0})
     assert raised.value.errno == errno.ENOSPC
     assert list((tmp_path / "backup").iterdir()) == []
 
