@@ -5,6 +5,7 @@
     python fashion_mnist_cnn.py predict MODEL PATH...  # classify your own photos (fashion_shop/)
     python fashion_mnist_cnn.py finetune MODEL FOLDER  # adapt the model to your labelled photos
     python fashion_mnist_cnn.py export MODEL           # for TF Serving, phones, onnxruntime
+    python fashion_mnist_cnn.py review DIR             # check a sorted catalogue in the browser
 
 The story first: data -> model -> train and evaluate -> figures; then where it computes, how a
 stopped run goes on, and the command line. TensorFlow is imported once the arguments and the
@@ -951,11 +952,11 @@ def add_run_folder_options(parser, what="the model, metrics and figures", suffix
 def parse_train_args(argv):
     parser = ArgumentParser(
         prog="fashion_mnist_cnn.py",
-        usage="%(prog)s [options]  (train)\n       %(prog)s {predict,finetune,export} ...",
+        usage=f"%(prog)s [options]  (train)\n       %(prog)s {{{','.join(COMMANDS)}}} ...",
         description="Train the classic small CNN on Fashion-MNIST and show what it learned.",
         epilog="Then, with the model.keras it writes: predict MODEL PATH... classifies your "
         "photos, finetune MODEL FOLDER adapts it to them, export MODEL writes it for TF Serving, "
-        "phones and onnxruntime (see each one's --help).",
+        "phones and onnxruntime, review DIR checks photos predict sorted (see each one's --help).",
         formatter_class=HelpFormatter,
     )
     option = parser.add_argument_group("the recipe").add_argument

@@ -616,7 +616,7 @@ def test_an_out_dir_that_cannot_be_written_is_answered_before_the_download(run_m
 
 def test_the_usage_line_lists_the_commands_and_a_mistyped_one_is_named(run_main):
     usage = run_main("--help").stdout.split("\n\n")[0]
-    assert "{predict,finetune,export}" in usage
+    assert "{predict,finetune,export,review}" in usage
     for args, says in [
         (["pridict", "m.keras"], "invalid choice: 'pridict' (choose from 'predict', 'finetune'"),
         (["--epochs", "2", "predict"], "predict comes first: fashion_mnist_cnn.py predict ..."),
