@@ -114,6 +114,8 @@ def start_tensorflow_quietly():
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # finding the devices writes notes too
+    # A note each time a batch of a new size is traced: nothing for a user to act on.
+    tf.get_logger().addFilter(lambda record: "tf.function retracing" not in record.getMessage())
     return keras
 
 

@@ -433,3 +433,13 @@ def test_per_class_accuracy_lists_every_class_for_training_and_the_present_ones_
         "T-shirt/top": 0.5,
         "Trouser": 0.6667,
     }
+
+
+def test_tensorflows_retracing_notes_are_not_shown_and_its_other_warnings_are(caplog):
+    fm.start_tensorflow_quietly()
+    import tensorflow as tf
+
+    note = "5 out of the last 15 calls to <function f> triggered tf.function retracing. Tracing"
+    tf.get_logger().warning(note)
+    tf.get_logger().warning("something else")
+    assert "retracing" not in caplog.text and "something else" in caplog.text
