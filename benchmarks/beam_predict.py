@@ -16,6 +16,7 @@ start (TensorFlow's import and the model's load, measured by a run on 30 shots).
 """
 
 import argparse
+import math
 import re
 import sys
 import tempfile
@@ -64,7 +65,7 @@ def on_paper(rate):
     lines = []
     for count in CATALOGUES:
         core_hours = count / rate / 3600
-        workers_in_an_hour = -(-core_hours // WORKER_CORES)
+        workers_in_an_hour = math.ceil(core_hours / WORKER_CORES)
         lines.append(
             f"| {count:,} photos | {core_hours:,.1f} core-hours | "
             f"{workers_in_an_hour:.0f} workers of {WORKER_CORES} cores for about an hour | "

@@ -21,12 +21,13 @@ from pathlib import Path, PurePosixPath
 from fashion_mnist_cnn import CLASS_NAMES, ArgumentParser, UserError, checked, digits
 from fashion_shop import review_page, sorting
 from fashion_shop.catalogue import read_rows_done
+from fashion_shop.doubts import DOUBTFUL_HEADER
 from fashion_shop.folders import folder_class
 from fashion_shop.review_server import Item, Refused, Review, photo_path, start_server
 
 port_number = checked(digits, lambda n: n < 65536, "a port from 0 (a free one) to 65535")
 # The columns of finetune --backbone's list of photos whose folder the model doubts.
-LIST_COLUMNS = ["photo", "folder_class", "model_class", "model_probability", "folder_probability"]
+LIST_COLUMNS = DOUBTFUL_HEADER
 
 
 def parse_review_args(argv):

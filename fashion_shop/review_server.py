@@ -19,7 +19,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from fashion_mnist_cnn import CLASS_NAMES, atomic_path
+from fashion_mnist_cnn import CLASS_NAMES, atomic_path, digits
 from fashion_shop.folders import folder_class
 from fashion_shop.sorting import checked_place, is_photo
 
@@ -64,11 +64,6 @@ def photo_path(root, rel):
     if not in_a_class or folder_class(parts[0]) is None or not is_photo(path):
         raise Refused(400, f"{rel[:200]}: not a photo in a class folder")
     return path
-
-
-def number(text):
-    """text as a whole number, where it is one in ASCII digits ("²".isdigit() is true too)."""
-    return int(text) if text.isascii() and text.isdigit() else None
 
 
 @dataclass
@@ -304,8 +299,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.check_token(query.get("token", [""])[0])
         if url.path == "/":
             return 200, "text/html; charset=utf-8", PAGE.read_bytes()
-        if url.path.startswith("/photo/") and number(url.path[7:]) is not None:
-            return self.photo(number(url.path[7:]))
+        if url.path.startswith("/photo/") and digits(url.path[7:]) is not None:
+            return self.photo(digits(url.path[7:]))
         raise Refused(404, f"{url.path[:100]}: no such page")
 
     def photo(self, index):
@@ -337,7 +332,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The request's JSON object, of at most MAX_BODY bytes (a larger one is not read)."""
         if self.headers.get_content_type() != "application/json":
             raise Refused(415, "send JSON (Content-Type: application/json)")
-        length = number(self.headers.get("Content-Length", ""))
+        length = digits(self.headers.get("Content-Length", ""))
         if length is None:
             raise Refused(411, "a request needs its Content-Length")
         if length > MAX_BODY:
