@@ -1,4 +1,4 @@
-"""The shop's tools, run as `fashion_mnist_cnn.py predict|finetune|export|review ...`.
+"""The shop's tools, run as `fashion_mnist_cnn.py predict|finetune|export|review|report ...`.
 
     photos.py     photo preparation, as each kind of model was trained (no TensorFlow)
     models.py     what a model file is: which kind, how it is loaded, how it answers
@@ -16,6 +16,7 @@
     doubts.py     finetune --backbone's doubtful.csv: photos probably in the wrong folder
     export.py     the export command: SavedModel, LiteRT and ONNX files, each proven
     runtimes.py   each exported format run in its own runtime
+    report.py     the report command: a training run's curves, confusion matrix and mistakes
 
 Each imports from fashion_mnist_cnn.py, the training script beside it, what it shares with
 training (the classes, the run folder and its backup, the training loop).

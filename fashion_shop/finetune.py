@@ -24,11 +24,11 @@ from fashion_mnist_cnn import (
     finish_run,
     open_run,
     per_class_accuracy,
-    plot_confusion_matrix,
     positive_int,
     save_figure,
     seed_value,
     share_of_one,
+    share_or_zero,
     start_tensorflow_quietly,
     train_run,
     use_windows,
@@ -58,6 +58,7 @@ from fashion_shop.models import (
     load_trained_model,
 )
 from fashion_shop.predict import PREDICT_BATCH
+from fashion_shop.report import plot_confusion_matrix
 
 # Chosen on real shop photos, each photo mirrored at random as shops show shoes pointing either
 # way (benchmarks/README.md).
@@ -94,11 +95,11 @@ def parse_finetune_args(argv):
         help=f"epochs (default: {FINETUNE_EPOCHS}, or {BACKBONE_EPOCHS} with --backbone)",
     )
     parser.add_argument(
-        "--learning-rate", type=share_of_one(), default=FINETUNE_LEARNING_RATE, help="Adam's rate"
+        "--learning-rate", type=share_of_one, default=FINETUNE_LEARNING_RATE, help="Adam's rate"
     )
     parser.add_argument(
         "--holdout",
-        type=share_of_one(zero_allowed=True),
+        type=share_or_zero,
         default=FINETUNE_HOLDOUT,
         help="share of each class's photos held out to measure before and after (0: tune on "
         "all of them, measure nothing)",
