@@ -1,11 +1,8 @@
 """Train the classic small CNN on Fashion-MNIST, show what it learned, and save it.
 
-    python fashion_mnist_cnn.py                        # train and evaluate; results in runs/<time>/
-    python fashion_mnist_cnn.py --data-dir DIR         # the same, offline, from the four IDX files
-    python fashion_mnist_cnn.py predict MODEL PATH...  # classify your own photos (fashion_shop/)
-    python fashion_mnist_cnn.py finetune MODEL FOLDER  # adapt the model to your labelled photos
-    python fashion_mnist_cnn.py export MODEL           # for TF Serving, phones, onnxruntime
-    python fashion_mnist_cnn.py review DIR             # check a sorted catalogue in the browser
+    python fashion_mnist_cnn.py                 # train and evaluate; results in runs/<time>/
+    python fashion_mnist_cnn.py --data-dir DIR  # the same, offline, from the four IDX files
+    python fashion_mnist_cnn.py COMMAND ...     # the shop's tools in fashion_shop/ (see --help)
 
 The story first: data -> model -> train and evaluate -> figures; then where it computes, how a
 stopped run goes on, and the command line. TensorFlow is imported once the arguments and the
@@ -44,16 +41,12 @@ VALIDATION_SPLIT = 0.2  # share of the training set held out to validate each ep
 SEED = 42
 SAMPLES = [0, 1]  # test images shown in predictions.png
 EVAL_BATCH_SIZE = 256  # validation and test passes only: same numbers, fewer steps
-# --arch improved's own recipe, chosen on the full data (benchmarks/README.md): BatchNorm learns
-# from larger batches at a higher rate, which falls to zero along a cosine within 10 epochs.
-IMPROVED_BATCH_SIZE = 256
-IMPROVED_LEARNING_RATE = 0.005
+# --arch improved's (benchmarks/README.md): BatchNorm learns from larger batches at a higher rate.
+IMPROVED_BATCH_SIZE, IMPROVED_LEARNING_RATE = 256, 0.005  # which falls to 0 along a cosine
 
-CLASS_NAMES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
-COMMANDS = ["predict", "finetune", "export", "review"]  # the shop's tools, in fashion_shop/
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+COMMANDS = ["predict", "finetune", "export", "review", "report"]  # the shop's, in fashion_shop/
 
 # TensorFlow's C++ start-up notes are noise to our users; their own setting still wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -71,8 +64,7 @@ def first_sentence(error):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the four official files, downloaded once and checked, or read from --data-dir; then the
-# held-out split, and batches scaled to [0, 1] as they are needed.
+# Data: the official files (downloaded and checked, or --data-dir), the split, batches in [0, 1].
 
 # The four official files: size in bytes and md5 of the .gz as published by Zalando.
 OFFICIAL_FILES = {
@@ -98,10 +90,9 @@ def tensorflow_notes_hidden(shown_on_failure=True):
         try:
             yield
         except BaseException as error:
-            os.dup2(saved_stderr, 2)
             if shown_on_failure and not isinstance(error, KeyboardInterrupt):  # else, said why
                 log.seek(0)
-                sys.stderr.write(log.read().decode(errors="replace"))
+                os.write(saved_stderr, log.read())
             raise
         finally:
             os.dup2(saved_stderr, 2)
@@ -133,23 +124,20 @@ def download(url, file_hash, cache_subdir, offline):
 def download_data_files():
     offline = "put the four Fashion-MNIST files from https://github.com/zalandoresearch/"
     offline += "fashion-mnist in a folder and pass --data-dir FOLDER"
-    files = OFFICIAL_FILES.items()
-    return {
-        n: download(MIRROR + n, md5, "datasets/fashion-mnist", offline) for n, (_, md5) in files
-    }
+    get = functools.partial(download, cache_subdir="datasets/fashion-mnist", offline=offline)
+    return {name: get(MIRROR + name, md5) for name, (_, md5) in OFFICIAL_FILES.items()}
 
 
 def find_data_files(data_dir):
-    """The four files in data_dir, each either gzipped (official name) or not (no .gz)."""
     if not data_dir.is_dir():
         problem = "not a folder" if data_dir.exists() else "no such folder"
         raise UserError(f"--data-dir {data_dir}: {problem}")
     paths = {}
     for name in OFFICIAL_FILES:
-        found = [p for p in (data_dir / name, data_dir / name.removesuffix(".gz")) if p.is_file()]
-        if not found:
+        either = (data_dir / name, data_dir / name.removesuffix(".gz"))
+        paths[name] = next((path for path in either if path.is_file()), None)
+        if not paths[name]:
             raise UserError(f"--data-dir {data_dir}: {name} is missing (gzipped or not)")
-        paths[name] = found[0]
     return paths
 
 
@@ -237,9 +225,7 @@ def batches(images, labels, batch_size, indices=None, epoch_key=None, halves=Fal
         draws = np.random.default_rng(epoch_key)
         indices = draws.permutation(indices)
     order = tf.data.Dataset.from_tensor_slices(indices).batch(batch_size)
-    if augment:
-        if epoch_key is None:
-            raise ValueError("augment draws from the epoch_key: pass one")
+    if augment:  # a key a batch, drawn from the epoch_key after the order
         keys = draws.integers(2**31, size=(math.ceil(len(indices) / batch_size), 2))
         order = tf.data.Dataset.zip(order, tf.data.Dataset.from_tensor_slices(keys))
 
@@ -267,8 +253,8 @@ MIRRORED = "_mirrored"
 
 
 def hidden_layers(layers, arch):
-    """seed: the design's (93,322 parameters); improved: with BatchNorm, settling within a short run
-    at momentum 0.9, and light Dropout (422,538), of the kind the benchmark lists at about 93%."""
+    """seed: the design's, 93,322 parameters; improved: BatchNorm (momentum 0.9 settles within a
+    short run) and light Dropout, 422,538, of the kind the benchmark lists at about 93%."""
     if arch == "seed":
         return [
             layers.Conv2D(32, (3, 3), activation="relu"), layers.MaxPooling2D((2, 2)),
@@ -364,10 +350,9 @@ def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, ba
 
     progress = progress or new_progress()
     # A fit() per epoch, on batches made for it, ended by this, its progress bar counting to epochs.
-    one_epoch = keras.callbacks.LambdaCallback(
+    stop = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True)
     )
-    log = out_dir / "history.csv"
     with stop_gracefully(model) as state:
         for epoch in range(progress["epochs_completed"], epochs):
             if state["signal"]:  # it came while the last epoch was backed up
@@ -380,7 +365,7 @@ def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, ba
                 epochs=epochs,
                 shuffle=False,  # each epoch's batches come in their own order already
                 verbose=1 if sys.stdout.isatty() else 2,  # a progress bar, or a line an epoch
-                callbacks=[one_epoch, keras.callbacks.CSVLogger(log, append=True)],
+                callbacks=[stop, keras.callbacks.CSVLogger(out_dir / "history.csv", append=True)],
             ).history
             progress["train_seconds"] += time.perf_counter() - start
             for key, values in history.items():
@@ -425,7 +410,7 @@ def evaluate(model, test_data, y_test):
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures: what the model learned, for people (save_figure lays each out).
+# Figures: the model's answers on test images, for people (the report command draws more).
 
 
 def use_windows(show):
@@ -461,59 +446,6 @@ def plot_predictions(images, labels, probabilities):
     return fig
 
 
-def plot_mistakes(images, labels, probabilities, count=16):
-    """Where to look for confusable classes (shirt or T-shirt?) and for doubtful labels."""
-    import matplotlib.pyplot as plt
-
-    predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != labels)  # the most confident first:
-    worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:count]
-    rows = max(1, math.ceil(len(worst) / 4))
-    fig, axes = plt.subplots(rows, 4, figsize=(10, 2.9 * rows + 0.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, index in zip(axes.flat, worst):
-        ax.imshow(images[index], cmap="binary")
-        guess = f"{CLASS_NAMES[predicted[index]]} {probabilities[index, predicted[index]]:.0%}"
-        title = f"#{index}: {guess}\ntrue: {CLASS_NAMES[labels[index]]}"
-        ax.set_title(title, fontsize=9, color="tab:red")
-    title = "Most confident mistakes on the test set: predicted (confidence), true class"
-    fig.suptitle(title if len(worst) else "No mistakes on the test set")
-    return fig
-
-
-def plot_training_curves(history):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = range(1, len(history["loss"]) + 1)
-    for ax, metric in zip(axes, ["accuracy", "loss"]):
-        ax.plot(epochs, history[metric], "o-", label="training")
-        if f"val_{metric}" in history:
-            ax.plot(epochs, history[f"val_{metric}"], "o-", label="validation")
-        ax.set(xlabel="epoch", title=metric.capitalize())
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Training curves")
-    return fig
-
-
-def plot_confusion_matrix(confusion):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 7))
-    ax.imshow(confusion, cmap="Blues")
-    for (true, predicted), count in np.ndenumerate(confusion):
-        colour = "white" if count > confusion.max() / 2 else "black"
-        ax.text(predicted, true, count, ha="center", va="center", color=colour, fontsize=8)
-    ax.set_xticks(range(10), CLASS_NAMES, rotation=45, ha="right")
-    ax.set_yticks(range(10), CLASS_NAMES)
-    title = f"Confusion matrix on the test set ({confusion.sum():,} images)"
-    ax.set(xlabel="Predicted class", ylabel="True class", title=title)
-    return fig
-
-
 # ----------------------------------------------------------------------------------------------
 # Compute: device, precision, halves, threads, from the machine; metrics.json says why of each.
 
@@ -522,13 +454,9 @@ BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
 BELOW_BF16 = BELOW_AVX512 | {"AVX512_CORE", "AVX512_CORE_VNNI"}
 # A CPU's class, which decides the fastest kernels: the first whose flags it has all of.
 CPU_CLASSES = [
-    ({"asimd", "bf16"}, "Arm with bf16"),
-    ({"asimd"}, "Arm"),
-    ({"amx_bf16"}, "AMX"),
-    ({"avx512_bf16"}, "AVX-512 with bf16"),
-    ({"avx512f"}, "AVX-512"),
-    ({"avx2"}, "AVX2"),
-]
+    ({"asimd", "bf16"}, "Arm with bf16"), ({"asimd"}, "Arm"), ({"amx_bf16"}, "AMX"),
+    ({"avx512_bf16"}, "AVX-512 with bf16"), ({"avx512f"}, "AVX-512"), ({"avx2"}, "AVX2"),
+]  # fmt: skip
 
 
 def cpu_info(text=None, machine=None):
@@ -685,8 +613,7 @@ def state_checksum(state):
 def unfinished_runs(command):
     """`command`'s unfinished runs under runs/, newest first: (folder, state or None if unread)."""
     found = []
-    paths = Path("runs").glob("*/backup/state.json")
-    for path in sorted(paths, key=os.path.getmtime, reverse=True):
+    for path in sorted(Path("runs").glob("*/backup/state.json"), key=os.path.getmtime)[::-1]:
         try:
             state = json.loads(path.read_text())
             ours = state.get("command", command) == command
@@ -736,8 +663,7 @@ def check_out_dir(out_dir, overwrite=False, resume=False, make=False):
 
 def read_backup(out_dir, command, options, epochs):
     """out_dir's backup, if any, refused if damaged, foreign, with other options or epochs."""
-    path = out_dir / "backup" / "state.json"
-    if not path.exists():
+    if not (path := out_dir / "backup" / "state.json").exists():
         return None
     problem = None
     try:
@@ -773,9 +699,7 @@ def read_backup(out_dir, command, options, epochs):
     return state
 
 
-class Run(NamedTuple):
-    """A run's folder, and what its backup records and must match to be continued."""
-
+class Run(NamedTuple):  # a run's folder, and what its backup records and must match
     out_dir: Path
     command: str  # "training" or "finetune"
     options: dict  # what a continued run must share with the run it continues
@@ -788,8 +712,7 @@ def open_run(args, command, options, suffix=""):
     with the same options (a kill -9 says nothing: the same command goes on), else a new one."""
     out_dir, found = args.out_dir, False
     if out_dir is None and args.resume:
-        runs = unfinished_runs(command)
-        if not runs:
+        if not (runs := unfinished_runs(command)):
             raise UserError(f"--resume: no unfinished {command} run under runs/ to continue")
         out_dir = runs[0][0]
     elif out_dir is None and not args.overwrite:
@@ -833,12 +756,10 @@ def save_backup(model, run, progress):
     model.save_weights(weights)  # with the optimizer's state
     state = {"format": BACKUP_FORMAT, "command": run.command, "options": run.options}
     state |= {"progress": progress, "weights": weights.name, "weights_sha256": file_sha256(weights)}
-    state["pid"] = os.getpid()
-    state["random_state"] = [variable.numpy().tolist() for variable in random_state(model)]
+    state |= {"pid": os.getpid(), "random_state": [v.numpy().tolist() for v in random_state(model)]}
     save_json(state | {"checksum": state_checksum(state)}, folder / "state.json")
-    for old in folder.glob("*.weights.h5"):
-        if old != weights:
-            old.unlink()
+    for old in set(folder.glob("*.weights.h5")) - {weights}:
+        old.unlink()
 
 
 def remove_backup(out_dir):
@@ -883,10 +804,8 @@ def finish_run(run, model, progress, stop_signal, results, details, saved):
         model.save(temporary)
     done = progress["epochs_completed"]
     record = {"epochs_completed": done, "interrupted": stop_signal is not None}
-    record["continued_from_epoch"] = progress["continued_from_epoch"]
-    record["train_seconds"] = round(progress["train_seconds"], 1)
-    record["backup_seconds"] = round(progress["backup_seconds"], 2)
-    record["history"] = progress["history"]
+    record |= {key: progress[key] for key in ("continued_from_epoch", "history")}
+    record |= {key: round(progress[key], 2) for key in ("train_seconds", "backup_seconds")}
     save_json(results | record | details, run.out_dir / "metrics.json")
     print(f"\nSaved {saved} to {run.out_dir}/")
     if stop_signal is None:
@@ -930,15 +849,10 @@ def digits(text):
 positive_int = checked(
     lambda t: digits(t.strip().lstrip("+")), lambda n: n >= 1, "a whole number of at least 1"
 )
-# NumPy's seeding, which Keras' set_random_seed uses too, takes 0 to 2**32 - 1 only.
-seed_value = checked(digits, lambda n: n < 2**32, "a whole number from 0 to 2**32 - 1")
+seed_value = checked(digits, lambda n: n < 2**32, "a whole number from 0 to 2**32 - 1")  # NumPy's
 sample_index = checked(digits, lambda n: True, "a test image index (0, 1, ...)")
-
-
-def share_of_one(zero_allowed=False):
-    if zero_allowed:
-        return checked(float, lambda x: 0 <= x < 1, "a number from 0 to below 1")
-    return checked(float, lambda x: 0 < x < 1, "a number between 0 and 1")
+share_of_one = checked(float, lambda x: 0 < x < 1, "a number between 0 and 1")
+share_or_zero = checked(float, lambda x: 0 <= x < 1, "a number from 0 to below 1")
 
 
 def add_run_folder_options(parser, what="the model, metrics and figures", suffix=""):
@@ -956,9 +870,8 @@ def parse_train_args(argv):
         prog="fashion_mnist_cnn.py",
         usage=f"%(prog)s [options]  (train)\n       %(prog)s {{{','.join(COMMANDS)}}} ...",
         description="Train the classic small CNN on Fashion-MNIST and show what it learned.",
-        epilog="Then, with the model.keras it writes: predict MODEL PATH... classifies your "
-        "photos, finetune MODEL FOLDER adapts it to them, export MODEL writes it for TF Serving, "
-        "phones and onnxruntime, review DIR checks photos predict sorted (see each one's --help).",
+        epilog="With its model.keras: predict classifies photos, finetune adapts it to yours, "
+        "export writes it for serving, review checks a sort, report draws what it learned.",
         formatter_class=HelpFormatter,
     )
     option = parser.add_argument_group("the recipe").add_argument
@@ -967,7 +880,7 @@ def parse_train_args(argv):
     batch = f"batch size (default: {BATCH_SIZE}; {IMPROVED_BATCH_SIZE} with --arch improved)"
     option("--batch-size", type=positive_int, help=batch)
     held_out = "share of the training set held out (at random) to validate each epoch"
-    option("--validation-split", type=share_of_one(), default=VALIDATION_SPLIT, help=held_out)
+    option("--validation-split", type=share_of_one, default=VALIDATION_SPLIT, help=held_out)
     option("--seed", type=seed_value, default=SEED, help="random seed, so runs repeat")
     improved = "seed: the classic CNN; improved: with BatchNorm and Dropout, batches of "
     improved += f"{IMPROVED_BATCH_SIZE}, a rate from {IMPROVED_LEARNING_RATE} falling on a cosine"
@@ -1043,17 +956,17 @@ def run_training(args):
     for name, accuracy in results["per_class_accuracy"].items():
         print(f"  {name:<12} {accuracy:7.2%}")
 
-    probabilities, samples, out_dir = results["probabilities"], args.samples, run.out_dir
+    probabilities, samples = results["probabilities"], args.samples
     predictions = plot_predictions(x_test[samples], y_test[samples], probabilities[samples])
-    save_figure(predictions, out_dir / "predictions.png")
-    save_figure(plot_training_curves(progress["history"]), out_dir / "training_curves.png")
-    save_figure(plot_confusion_matrix(results["confusion"]), out_dir / "confusion_matrix.png")
-    save_figure(plot_mistakes(x_test, y_test, probabilities), out_dir / "mistakes.png")
+    save_figure(predictions, run.out_dir / "predictions.png")
     config = vars(args) | {"precision": precision, "split_batches": split}
     scores = {key: results[key] for key in ("test_accuracy", "test_loss", "per_class_accuracy")}
-    saved = "model.keras, metrics.json, history.csv and figures"
+    saved = "model.keras, metrics.json, history.csv and predictions.png"
     details = {"config": config | {"keras": keras.__version__}, "compute": compute}
     code = finish_run(run, model, progress, stop_signal, scores, details, saved)
+    if code == 0:
+        what = "Training curves, confusion matrix and mistakes"
+        print(f"{what}: python {Path(sys.argv[0]).name} report {run.out_dir}")
     if show and code == 0:
         import matplotlib.pyplot as plt
 
@@ -1061,8 +974,7 @@ def run_training(args):
     return code
 
 
-def run_shop_command(argv):
-    """predict, finetune and export, from the fashion_shop package beside this file."""
+def run_shop_command(argv):  # from the fashion_shop package beside this file
     # The package imports this file by name; run as a script, it is that module already.
     sys.modules.setdefault("fashion_mnist_cnn", sys.modules[__name__])
     try:

@@ -105,7 +105,7 @@ def parse_predict_args(argv):
     )
     sort.add_argument(
         "--unsure",
-        type=share_of_one(),
+        type=share_of_one,
         metavar="P",
         help="with --sort-into: mark photos whose top probability is under P. Default, for a "
         f"model whose probabilities are calibrated (finetune --backbone's): {sorting.UNSURE_BELOW}"

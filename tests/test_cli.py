@@ -302,14 +302,11 @@ def test_run_writes_loadable_model_and_honest_metrics(finished_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", ["predictions.png", "training_curves.png", "confusion_matrix.png", "mistakes.png"]
-)
-def test_figures_are_real_images(finished_run, name):
+def test_the_predictions_figure_is_a_real_image(finished_run):
     _, out, _ = finished_run
-    with Image.open(out / name) as image:
+    with Image.open(out / "predictions.png") as image:
         image.verify()
-    with Image.open(out / name) as image:
+    with Image.open(out / "predictions.png") as image:
         assert image.format == "PNG" and image.width >= 400 and image.height >= 300
         assert len(np.unique(np.asarray(image.convert("L")))) > 10  # not a blank canvas
 
@@ -616,7 +613,7 @@ def test_an_out_dir_that_cannot_be_written_is_answered_before_the_download(run_m
 
 def test_the_usage_line_lists_the_commands_and_a_mistyped_one_is_named(run_main):
     usage = run_main("--help").stdout.split("\n\n")[0]
-    assert "{predict,finetune,export,review}" in usage
+    assert "{predict,finetune,export,review,report}" in usage
     for args, says in [
         (["pridict", "m.keras"], "invalid choice: 'pridict' (choose from 'predict', 'finetune'"),
         (["--epochs", "2", "predict"], "predict comes first: fashion_mnist_cnn.py predict ..."),

@@ -264,20 +264,6 @@ def test_evaluate_agrees_with_keras_evaluate():
     assert results["probabilities"].shape == (300, 10)
 
 
-def test_mistakes_are_the_wrong_predictions_most_confident_first():
-    labels = np.array([0, 1, 2, 3, 4])
-    probabilities = np.full((5, 10), 0.01)
-    probabilities[0, 0] = 0.9  # right
-    probabilities[1, 5] = 0.6  # wrong, less sure
-    probabilities[2, 7] = 0.95  # wrong, surest
-    probabilities[3, 3] = 0.99  # right, however sure
-    probabilities[4, 9] = 0.7  # wrong
-    figure = fm.plot_mistakes(np.zeros((5, 28, 28)), labels, probabilities)
-    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
-    assert titles == ["#2: Sneaker 95%\ntrue: Pullover", "#4: Ankle boot 70%\ntrue: Coat",
-                      "#1: Sandal 60%\ntrue: Trouser"]  # fmt: skip
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_training_learns_visually_distinct_classes(tmp_path, precision):
