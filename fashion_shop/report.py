@@ -95,14 +95,17 @@ SAME_LOSS = 1e-4  # relative: another thread count moves the mean loss by about 
 def parse_report_args(argv):
     parser = ArgumentParser(
         prog="fashion_mnist_cnn.py report",
+        usage="%(prog)s RUN [--data-dir DIR] [--no-show]",
         description="Draw what a trained model learned into its run folder: "
         f"{', '.join(FIGURES)} (the test images it got most confidently wrong).",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("run", type=Path, help="a finished training run's folder (runs/<time>/)")
+    run = "a finished training run's folder (runs/<time>/)"
+    parser.add_argument("run", type=Path, metavar="RUN", help=run)
     parser.add_argument(
         "--data-dir",
         type=Path,
+        metavar="DIR",
         help="the Fashion-MNIST files the run was trained on (default: the run's own --data-dir, "
         "as its metrics.json says, or the download)",
     )
@@ -126,16 +129,17 @@ def read_metrics(run):
         if not finetune:
             scores = {key: float(metrics[key]) for key in ("test_accuracy", "test_loss")}
             history = metrics["history"]
-            if not len(history["loss"]) == len(history["accuracy"]) > 0:
-                raise ValueError("no epochs in its history")
+            stopped_early = not history.get("loss")  # stopped before its first epoch began
             data_dir = metrics["config"]["data_dir"]
             data_dir = None if data_dir is None else Path(data_dir)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         reason = f"no {error.args[0]}" if isinstance(error, KeyError) else first_sentence(error)
         raise UserError(f"{path}: damaged, not a training run's metrics ({reason})") from None
     if finetune:
         already = "its confusion_matrix.png is there already"
         raise UserError(f"{run}: a finetune run, which draws its own figures ({already})")
+    if stopped_early:
+        raise UserError(f"{run}: stopped before its first epoch: nothing to draw")
     return scores, history, data_dir
 
 
