@@ -144,10 +144,14 @@ def read_metrics(run):
 
 
 def check_writable(run):
+    """RUN takes new files, and each figure's name is free or a file (a figure replaced)."""
     try:
         tempfile.TemporaryFile(dir=run).close()
     except OSError as error:
         raise UserError(f"{run}: cannot write there ({error.strerror})") from None
+    for path in (run / name for name in FIGURES):
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path}: in the way of the figure, not a file; move it away")
 
 
 def read_test_set(data_dir, given):

@@ -196,6 +196,7 @@ def half_of(name):
         (finetune_metrics, "a finetune run, which draws its own figures (its confusion_matrix"),
         (lambda run: (run / "model.keras").unlink(), "model.keras: no such model file"),
         (half_of("model.keras"), "model.keras: not a Keras model file, or a damaged one"),
+        (lambda run: (run / "mistakes.png").mkdir(), "mistakes.png: in the way of the figure"),
     ],
 )
 def test_what_is_not_a_finished_training_run_is_refused_at_once(
