@@ -4,9 +4,8 @@
     python fashion_mnist_cnn.py --data-dir DIR  # the same, offline, from the four IDX files
     python fashion_mnist_cnn.py COMMAND ...     # the shop's tools in fashion_shop/ (see --help)
 
-The story first: data -> model -> train and evaluate -> figures; then where it computes, how a
-stopped run goes on, and the command line. TensorFlow is imported once the arguments and the
-data are checked (so that --help and mistakes are answered at once), hence local imports.
+The story first: data, model, train and evaluate, figures; then compute, save and continue, the CLI.
+TensorFlow loads (local imports) once arguments and data are checked: --help and mistakes are quick.
 """
 
 import argparse
@@ -34,8 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 # The classic recipe; every run saves the options it used in metrics.json.
-EPOCHS = 10
-AUGMENT_EPOCHS = 15  # mirrored images take longer to pay (benchmarks/README.md)
+EPOCHS, AUGMENT_EPOCHS = 10, 15  # mirrored images take longer to pay (benchmarks/README.md)
 BATCH_SIZE = 32
 VALIDATION_SPLIT = 0.2  # share of the training set held out to validate each epoch
 SEED = 42
@@ -65,9 +63,7 @@ def first_sentence(error):
 
 # ----------------------------------------------------------------------------------------------
 # Data: the official files (downloaded and checked, or --data-dir), the split, batches in [0, 1].
-
-# The four official files: size in bytes and md5 of the .gz as published by Zalando.
-OFFICIAL_FILES = {
+OFFICIAL_FILES = {  # the four official files: size in bytes and md5 of each .gz, as Zalando's
     "train-images-idx3-ubyte.gz": (26_421_880, "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
     "train-labels-idx1-ubyte.gz": (29_515, "25c81989df183df01b3e8a0aad5dffbe"),
     "t10k-images-idx3-ubyte.gz": (4_422_102, "bef4ecab320f06d8554ea6380940ec79"),
@@ -146,10 +142,9 @@ def is_official(path, name):
     size, md5 = OFFICIAL_FILES[name]
     if path.name != name or path.stat().st_size != size:
         return False
-    with open(path, "rb") as f:
-        if hashlib.file_digest(f, "md5").hexdigest() != md5:
-            damaged = f"it has the size of the official {name} but not its md5, so it is damaged"
-            raise UserError(f"{path}: checksum mismatch: {damaged}; download it again")
+    if hashlib.md5(path.read_bytes()).hexdigest() != md5:
+        damaged = f"it has the size of the official {name} but not its md5, so it is damaged"
+        raise UserError(f"{path}: checksum mismatch: {damaged}; download it again")
     return True
 
 
@@ -247,9 +242,7 @@ def batches(images, labels, batch_size, indices=None, epoch_key=None, halves=Fal
 
 # ----------------------------------------------------------------------------------------------
 # Model
-
-# fashion_mnist_cnn[_improved][_mirrored]: predict reads from the name what the model learned.
-MIRRORED = "_mirrored"
+MIRRORED = "_mirrored"  # fashion_mnist_cnn[_improved][_mirrored]: predict reads what it learned
 
 
 def hidden_layers(layers, arch):
@@ -313,7 +306,6 @@ def in_halves(model):
 
 # ----------------------------------------------------------------------------------------------
 # Train and evaluate
-
 # Ctrl-C, and the SIGTERM of schedulers, `timeout` and container stops: both stop gracefully.
 STOP_SIGNALS = {signal.SIGINT: "Interrupted", signal.SIGTERM: "Terminated"}
 
@@ -346,13 +338,11 @@ def new_progress():
 
 def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, back_up=None):
     """Fit from `progress` on, an epoch at a time on epoch_data(epoch), back_up after each."""
-    import keras
+    from keras.callbacks import CSVLogger, LambdaCallback
 
     progress = progress or new_progress()
     # A fit() per epoch, on batches made for it, ended by this, its progress bar counting to epochs.
-    stop = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True)
-    )
+    stop = LambdaCallback(on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", True))
     with stop_gracefully(model) as state:
         for epoch in range(progress["epochs_completed"], epochs):
             if state["signal"]:  # it came while the last epoch was backed up
@@ -365,7 +355,7 @@ def train(model, epoch_data, validation_data, epochs, out_dir, progress=None, ba
                 epochs=epochs,
                 shuffle=False,  # each epoch's batches come in their own order already
                 verbose=1 if sys.stdout.isatty() else 2,  # a progress bar, or a line an epoch
-                callbacks=[stop, keras.callbacks.CSVLogger(out_dir / "history.csv", append=True)],
+                callbacks=[stop, CSVLogger(out_dir / "history.csv", append=True)],
             ).history
             progress["train_seconds"] += time.perf_counter() - start
             for key, values in history.items():
@@ -398,15 +388,11 @@ def evaluate(model, test_data, y_test):
 
     probabilities = np.concatenate([model.predict_on_batch(x) for x, _ in test_data])
     predicted = probabilities.argmax(axis=1)
-    losses = keras.losses.sparse_categorical_crossentropy(y_test, probabilities)
+    loss = np.mean(keras.losses.sparse_categorical_crossentropy(y_test, probabilities))
+    scores = {"test_accuracy": float(np.mean(predicted == y_test)), "test_loss": float(loss)}
     confusion = confusion_matrix(y_test, predicted)
-    return {
-        "test_accuracy": float(np.mean(predicted == y_test)),
-        "test_loss": float(np.mean(losses)),
-        "per_class_accuracy": per_class_accuracy(confusion),
-        "probabilities": probabilities,
-        "confusion": confusion,
-    }
+    scores["per_class_accuracy"] = per_class_accuracy(confusion)
+    return scores | {"probabilities": probabilities, "confusion": confusion}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,11 +411,10 @@ def use_windows(show):
 
 
 def plot_predictions(images, labels, probabilities):
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib import pyplot, ticker
 
     size, ratios = (10, 3 * len(images) + 0.8), {"width_ratios": [1, 1.6]}
-    fig, axes = plt.subplots(len(images), 2, figsize=size, squeeze=False, gridspec_kw=ratios)
+    fig, axes = pyplot.subplots(len(images), 2, figsize=size, squeeze=False, gridspec_kw=ratios)
     for (picture, bars), image, label, probs in zip(axes, images, labels, probabilities):
         predicted = int(np.argmax(probs))
         colour = "tab:green" if predicted == label else "tab:red"
@@ -441,17 +426,17 @@ def plot_predictions(images, labels, probabilities):
         bars.set_yticks(range(10), CLASS_NAMES)
         bars.invert_yaxis()
         bars.set_xlim(0, 1)
-        bars.xaxis.set_major_formatter(PercentFormatter(1.0))
+        bars.xaxis.set_major_formatter(ticker.PercentFormatter(1.0))
     fig.suptitle("Predictions on test images (green: right, red: wrong)")
     return fig
 
 
 # ----------------------------------------------------------------------------------------------
 # Compute: device, precision, halves, threads, from the machine; metrics.json says why of each.
-
 # ONEDNN_MAX_CPU_ISA values that keep oneDNN from AVX-512, or from bf16.
 BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
 BELOW_BF16 = BELOW_AVX512 | {"AVX512_CORE", "AVX512_CORE_VNNI"}
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # an x86 CPU's flags for native bf16
 # A CPU's class, which decides the fastest kernels: the first whose flags it has all of.
 CPU_CLASSES = [
     ({"asimd", "bf16"}, "Arm with bf16"), ({"asimd"}, "Arm"), ({"amx_bf16"}, "AMX"),
@@ -474,7 +459,7 @@ def cpu_info(text=None, machine=None):
     if cap in BELOW_AVX512:
         flags = {flag for flag in flags if not flag.startswith(("avx512", "amx"))}
     if cap in BELOW_BF16:
-        flags -= {"avx512_bf16", "amx_bf16"}
+        flags -= BF16_FLAGS
     return fields.get("model name", machine or "unknown CPU"), flags
 
 
@@ -511,9 +496,7 @@ def find_gpus():
 
 def native_bf16(gpus, flags):
     """Whether the first GPU (from compute capability 8.0), or else the CPU, has native bf16."""
-    if gpus:
-        return gpus[0]["compute_capability"] >= (8, 0)
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return gpus[0]["compute_capability"] >= (8, 0) if gpus else bool(BF16_FLAGS & flags)
 
 
 def choose_compute(args, n_fit, n_held_out, gpus, cpu, cores, onednn):
@@ -565,7 +548,6 @@ def apply_threads(threads):
 # Save and continue: files are written whole or not at all, and a run stopped by anything (kill
 # -9) goes on from its last epoch to an unbroken run's numbers: backup/ holds the weights, Adam's
 # and the Dropout layers' random state, all checked. Keras' BackupAndRestore keeps no random state.
-
 BACKUP_FORMAT = 1  # what backup/ holds; a backup in another format is refused
 
 
@@ -721,20 +703,17 @@ def open_run(args, command, options, suffix=""):
                 out_dir, found = folder, True
                 break
     if out_dir is None:  # one per run, so that no run overwrites another
-        stamp = time.strftime("%Y%m%d-%H%M%S") + suffix
-        out_dir, n = Path("runs") / stamp, 1
-        while out_dir.exists():
+        stamp, n = time.strftime("%Y%m%d-%H%M%S") + suffix, 1
+        while (out_dir := Path("runs") / (f"{stamp}-{n}" if n > 1 else stamp)).exists():
             n += 1
-            out_dir = Path("runs") / f"{stamp}-{n}"
     check_out_dir(out_dir, args.overwrite, args.resume, make=True)
     backup = None if args.overwrite else read_backup(out_dir, command, options, args.epochs)
     if backup:
         done = backup["progress"]["epochs_completed"]
         same = " (an unfinished run with the same options; --overwrite starts anew)" * found
-        if done == args.epochs:
-            print(f"Continuing {out_dir}: its {done} epochs are done; evaluating and saving{same}")
-        else:
-            print(f"Continuing {out_dir} from epoch {done + 1} of {args.epochs}{same}")
+        then = f": its {done} epochs are done; evaluating and saving"
+        then = then if done == args.epochs else f" from epoch {done + 1} of {args.epochs}"
+        print(f"Continuing {out_dir}{then}{same}")
     return Run(out_dir, command, options, backup, " without --overwrite" * args.overwrite)
 
 
@@ -781,9 +760,8 @@ def train_run(model, run, epoch_data, validation_data, epochs, halves=False):
         try:
             with warnings.catch_warnings(action="error"):  # Keras only warns when it skips a part
                 model.load_weights(run.out_dir / "backup" / run.backup["weights"])
-            seeds = run.backup["random_state"]
-            for variable, value in zip(random_state(model), seeds, strict=True):
-                variable.assign(value)
+            for variable, seed in zip(random_state(model), run.backup["random_state"], strict=True):
+                variable.assign(seed)
         except (ValueError, OSError, KeyError, Warning):  # Keras' reasons run to many lines
             why = f"{run.out_dir} cannot be continued: its backup does not fit this model"
             raise UserError(f"{why}; to start over, add --overwrite") from None
@@ -935,12 +913,10 @@ def run_training(args):
     steps = math.ceil(len(fit) / args.batch_size) * args.epochs
     model = build_model(precision, args.arch, total_steps=steps, mirrored=args.augment)
     model.summary()
-    print(
-        f"Training for {args.epochs} epoch{'s' * (args.epochs > 1)} on {len(fit):,} images, "
-        f"validating on {len(held_out):,}, testing on {len(x_test):,}\n"
-        f"On {compute['device']}: {precision}, "
-        f"{'batches in halves' if split else 'whole batches'}, oneDNN {compute['onednn']}"
-    )
+    sizes = f"{len(fit):,} images, validating on {len(held_out):,}, testing on {len(x_test):,}"
+    print(f"Training for {args.epochs} epoch{'s' * (args.epochs > 1)} on {sizes}")
+    batching = "batches in halves" if split else "whole batches"
+    print(f"On {compute['device']}: {precision}, {batching}, oneDNN {compute['onednn']}")
 
     x_train = keras.ops.convert_to_tensor(x_train)  # one copy, shared by both pipelines
 
@@ -1019,6 +995,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     code = main()
-    # TensorFlow leaves many objects: the OS frees them faster than the collector's last passes.
-    gc.freeze()
+    gc.freeze()  # TensorFlow leaves many objects: the OS frees them faster than gc's last passes
     sys.exit(code)
