@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -39,8 +40,8 @@ VALIDATION_SPLIT = 0.2  # share of the training set held out to validate each ep
 SEED = 42
 SAMPLES = [0, 1]  # test images shown in predictions.png
 EVAL_BATCH_SIZE = 256  # validation and test passes only: same numbers, fewer steps
-# --arch improved's (benchmarks/README.md): BatchNorm learns from larger batches at a higher rate.
-IMPROVED_BATCH_SIZE, IMPROVED_LEARNING_RATE = 256, 0.005  # which falls to 0 along a cosine
+# --arch improved's recipe (benchmarks/README.md): BatchNorm learns from larger batches, faster.
+IMPROVED_BATCH_SIZE, IMPROVED_LEARNING_RATE = 256, 0.005  # the rate falls to 0 along a cosine
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
@@ -397,8 +398,6 @@ def evaluate(model, test_data, y_test):
 
 # ----------------------------------------------------------------------------------------------
 # Figures: the model's answers on test images, for people (the report command draws more).
-
-
 def use_windows(show):
     """Whether figures open in windows, where asked and possible; else Agg: files only."""
     import matplotlib
@@ -450,8 +449,7 @@ def cpu_info(text=None, machine=None):
         cpuinfo = Path("/proc/cpuinfo")
         text = cpuinfo.read_text() if cpuinfo.is_file() else ""  # none on macOS, Windows
     machine = platform.machine() if machine is None else machine
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    fields = dict(map(str.strip, line.split(":", 1)) for line in text.splitlines() if ":" in line)
     flags = set(fields.get("flags", fields.get("Features", "")).split())  # x86's, Arm's
     if machine.lower() in ("arm64", "aarch64"):
         flags.add("asimd")  # NEON, which every 64-bit Arm CPU has; macOS has no cpuinfo to say so
@@ -711,8 +709,8 @@ def open_run(args, command, options, suffix=""):
     if backup:
         done = backup["progress"]["epochs_completed"]
         same = " (an unfinished run with the same options; --overwrite starts anew)" * found
-        then = f": its {done} epochs are done; evaluating and saving"
-        then = then if done == args.epochs else f" from epoch {done + 1} of {args.epochs}"
+        all_done = f": its {done} epochs are done; evaluating and saving"
+        then = all_done if done == args.epochs else f" from epoch {done + 1} of {args.epochs}"
         print(f"Continuing {out_dir}{then}{same}")
     return Run(out_dir, command, options, backup, " without --overwrite" * args.overwrite)
 
@@ -754,7 +752,8 @@ def train_run(model, run, epoch_data, validation_data, epochs, halves=False):
     history, progress = run.out_dir / "history.csv", new_progress()
     if run.backup is None:
         remove_backup(run.out_dir)
-        history.unlink(missing_ok=True)
+        for name in ("history.csv", "training_curves.png", "confusion_matrix.png", "mistakes.png"):
+            (run.out_dir / name).unlink(missing_ok=True)  # an earlier run's (and report's figures)
         save_backup(model, run, progress)
     else:
         try:
@@ -795,8 +794,6 @@ def finish_run(run, model, progress, stop_signal, results, details, saved):
 
 # ----------------------------------------------------------------------------------------------
 # The command line: arguments (a bad value is one line, before TensorFlow loads), then the run.
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block that buries the mistake
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -827,7 +824,8 @@ def digits(text):
 positive_int = checked(
     lambda t: digits(t.strip().lstrip("+")), lambda n: n >= 1, "a whole number of at least 1"
 )
-seed_value = checked(digits, lambda n: n < 2**32, "a whole number from 0 to 2**32 - 1")  # NumPy's
+# NumPy's seeding, which Keras' set_random_seed uses too, takes 0 to 2**32 - 1 only.
+seed_value = checked(digits, lambda n: n < 2**32, "a whole number from 0 to 2**32 - 1")
 sample_index = checked(digits, lambda n: True, "a test image index (0, 1, ...)")
 share_of_one = checked(float, lambda x: 0 < x < 1, "a number between 0 and 1")
 share_or_zero = checked(float, lambda x: 0 <= x < 1, "a number from 0 to below 1")
@@ -941,8 +939,8 @@ def run_training(args):
     details = {"config": config | {"keras": keras.__version__}, "compute": compute}
     code = finish_run(run, model, progress, stop_signal, scores, details, saved)
     if code == 0:
-        what = "Training curves, confusion matrix and mistakes"
-        print(f"{what}: python {Path(sys.argv[0]).name} report {run.out_dir}")
+        report = f"python {Path(__file__).name} report {shlex.quote(str(run.out_dir))}"
+        print(f"Training curves, confusion matrix and mistakes: {report}")
     if show and code == 0:
         import matplotlib.pyplot as plt
 

@@ -120,10 +120,9 @@ def read_metrics(run):
     if not run.is_dir():
         raise UserError(f"{run}: {'not a folder' if run.exists() else 'no such folder'}")
     path = run / "metrics.json"
+    if (run / "backup" / "state.json").exists():  # stopped or still going: its model may change
+        raise UserError(f"{run}: an unfinished run: the command that started it finishes it")
     if not path.is_file():
-        if (run / "backup" / "state.json").exists():
-            unfinished = "an unfinished run: the command that started it finishes it"
-            raise UserError(f"{run}: no metrics.json yet, {unfinished}")
         raise UserError(f"{run}: no metrics.json, so not a training run's folder (runs/<time>/)")
     try:
         metrics = json.loads(path.read_text())
@@ -142,7 +141,21 @@ def read_metrics(run):
         raise UserError(f"{run}: a finetune run, which draws its own figures ({already})")
     if stopped_early:
         raise UserError(f"{run}: stopped before its first epoch: nothing to draw")
+    check_curves(path, history)
     return scores, history, data_dir
+
+
+def check_curves(path, history):
+    """The curves plot_training_curves draws: numbers, one per epoch alike (else hand-edited)."""
+    names = ["accuracy", "loss"]
+    names += [f"val_{name}" for name in names if f"val_{name}" in history]
+    try:
+        shapes = {np.asarray(history[name], dtype=float).shape for name in names}
+    except (KeyError, ValueError, TypeError):
+        shapes = set()
+    if len(shapes) != 1 or len(shapes.pop()) != 1:
+        curves = f"{', '.join(names)} as numbers, one per epoch"
+        raise UserError(f"{path}: damaged, its history does not hold {curves}")
 
 
 def check_writable(run):
@@ -187,7 +200,8 @@ def check_same_test_data(results, run_scores):
     if accuracy != run_accuracy or not math.isclose(loss, run_loss, rel_tol=SAME_LOSS):
         scores = f"test accuracy {accuracy:.4f} and loss {loss:.4f} on this test data"
         measured = f"the run measured {run_accuracy:.4f} and {run_loss:.4f}"
-        other = "other test data: pass the --data-dir the run was trained on"
+        other = "other test data (pass the --data-dir the run was trained on), or another device"
+        other += " or precision than the run's"
         raise UserError(f"the model scores {scores}, {measured}: {other}")
 
 

@@ -142,7 +142,7 @@ def test_other_test_data_is_refused_and_nothing_written(run, tmp_path):
     other = make_dataset(tmp_path / "other", n_train=100, n_test=50, seed=1)
     before = contents(run)
     line = refused(run, "--data-dir", other, "--no-show")
-    assert "other test data: pass the --data-dir the run was trained on" in line
+    assert "other test data (pass the --data-dir the run was trained on)" in line
     assert contents(run) == before
 
 
@@ -167,10 +167,23 @@ def no_epoch(run):
     (run / "metrics.json").write_text(json.dumps(metrics | {"history": {}, "interrupted": True}))
 
 
-def unfinished(run):
+def unfinished(run):  # killed: no metrics.json yet
     (run / "metrics.json").unlink()
+    stopped(run)
+
+
+def stopped(run):  # Ctrl-C: metrics.json of the epochs so far, and the backup that continues it
     (run / "backup").mkdir()
     (run / "backup" / "state.json").write_text("{}")
+
+
+def history_changed(**changes):
+    def change(run):
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["history"] |= changes
+        (run / "metrics.json").write_text(json.dumps(metrics))
+
+    return change
 
 
 def half_of(name):
@@ -187,12 +200,16 @@ def half_of(name):
     [
         (lambda run: shutil.rmtree(run), "run: no such folder"),
         (lambda run: shutil.rmtree(run) or run.write_text("x"), "run: not a folder"),
-        (unfinished, "no metrics.json yet, an unfinished run"),
+        (unfinished, "run: an unfinished run: the command that started it finishes it"),
+        (stopped, "run: an unfinished run: the command that started it finishes it"),
         (lambda run: (run / "metrics.json").unlink(), "no metrics.json, so not a training run's"),
         (half_of("metrics.json"), "metrics.json: damaged, not a training run's metrics"),
         (metrics_without("test_accuracy"), "metrics.json: damaged, not a training run's metrics"),
         (metrics_without("history"), "(no history)"),
         (no_epoch, "stopped before its first epoch: nothing to draw"),
+        (history_changed(accuracy=None), "its history does not hold accuracy, loss, val_accuracy"),
+        (history_changed(val_loss=[0.5, 0.4]), "as numbers, one per epoch"),
+        (history_changed(loss=["low"]), "as numbers, one per epoch"),
         (finetune_metrics, "a finetune run, which draws its own figures (its confusion_matrix"),
         (lambda run: (run / "model.keras").unlink(), "model.keras: no such model file"),
         (half_of("model.keras"), "model.keras: not a Keras model file, or a damaged one"),
@@ -304,3 +321,16 @@ def test_the_script_runs_report(run):
     assert result.returncode == 0, result.stderr
     assert all((run / name).is_file() for name in report.FIGURES)
     assert_clean_failure(main_here("report", run / "nowhere"), "nowhere: no such folder")
+
+
+@pytest.mark.slow
+def test_training_names_report_and_a_run_started_over_drops_the_old_figures(trained_run, tmp_path):
+    folder = shutil.copytree(trained_run[0], tmp_path / "a run")  # a space, to be quoted
+    for name in report.FIGURES:  # drawn by report for the model about to be replaced
+        (folder / name).write_bytes(b"an earlier model's figure")
+    result = main_here("--data-dir", trained_run[1], "--epochs", "1", "--no-show",
+                       "--out-dir", folder, "--overwrite")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not any((folder / name).exists() for name in report.FIGURES)
+    hint = "Training curves, confusion matrix and mistakes: python fashion_mnist_cnn.py report"
+    assert f"{hint} '{folder}'\n" in result.stdout
