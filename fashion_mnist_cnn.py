@@ -593,7 +593,8 @@ def state_checksum(state):
 def unfinished_runs(command):
     """`command`'s unfinished runs under runs/, newest first: (folder, state or None if unread)."""
     found = []
-    for path in sorted(Path("runs").glob("*/backup/state.json"), key=os.path.getmtime)[::-1]:
+    paths = Path("runs").glob("*/backup/state.json")
+    for path in sorted(paths, key=os.path.getmtime, reverse=True):
         try:
             state = json.loads(path.read_text())
             ours = state.get("command", command) == command
